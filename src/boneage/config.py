@@ -1,0 +1,343 @@
+"""One typed configuration for every stage: YAML -> nested dataclasses, `--set key=value` overrides.
+
+Every number a user may change lives here (or, for the phantom generator, in `boneage.phantom`)
+with its default. Unknown keys are an error naming the key, so a typo never silently falls back
+to a default. Paths are relative to the repository root unless absolute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from boneage.errors import ConfigError
+from boneage.phantom import PhantomConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class DemoDataConfig:
+    """Stage 0: the phantom data set written into `input/`."""
+
+    n_train: int = 400
+    n_test: int = 100
+    seed: int = 2018
+    out_dir: str = ""  # empty: the run's input_dir
+    annotated_fraction: float = 0.10  # share of training images with manual masks and points
+    workers: int = 2
+
+
+@dataclass
+class InputConfig:
+    """The input contract: how bad rows are treated."""
+
+    train_csv: str = ""  # training labels CSV (relative to input_dir); empty: detected from the columns
+    test_csv: str = ""  # test list CSV; empty: detected
+    drop_bad_train_rows: bool = True  # False: any bad training row is an error
+    max_rejected_fraction: float = 0.05  # above this share, stop rather than drop
+
+
+@dataclass
+class SegmentConfig:
+    """Stage 1: U-Net hand segmentation with a bootstrap from zero masks."""
+
+    work_size_px: int = 256  # long side of the working resolution (image is padded to a square)
+    encoder: str = "resnet18"
+    encoder_depth: int = 4
+    decoder_channels: list[int] = field(default_factory=lambda: [128, 64, 32, 16])
+    weights_path: str = ""  # local state dict to start from; empty: from scratch
+    epochs: int = 12
+    batch_size: int = 16
+    lr: float = 1e-3
+    self_training_rounds: int = 1
+    epochs_per_round: int = 4
+    pseudo_label_min_quality: float = 0.6  # classical / predicted masks below this are not labels
+    flag_below_quality: float = 0.5  # masks below this are flagged for a person
+    max_train_images: int = 2000
+    qc_sheet_n: int = 48
+
+
+@dataclass
+class CleanConfig:
+    """Stage 2: keep the hand, black background, contrast equalised inside the hand."""
+
+    clahe_clip_limit: float = 2.0
+    clahe_tile_grid: int = 8
+    smooth_sigma_frac: float = 0.004  # border smoothing, fraction of the image's long side
+    min_area_frac: float = 0.03  # a hand smaller than this share of the image is implausible
+    qc_sheet_n: int = 48
+
+
+@dataclass
+class KeypointsConfig:
+    """Stage 3: three-point regression CNN, with a geometric bootstrap."""
+
+    input_size_px: int = 256  # square input of the VGG-style network
+    filters: list[int] = field(default_factory=lambda: [32, 64, 128, 128, 256])
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-3
+    min_geometric_confidence: float = 0.6  # geometric points above this become pseudo-labels
+    min_manual_for_manual_only: int = 200  # with fewer manual points, add geometric pseudo-labels
+    point_names: dict[str, str] = field(
+        default_factory=lambda: {
+            "middle_tip": "middle_tip",
+            "thumb_tip": "thumb_tip",
+            "capitate": "capitate",
+        }
+    )
+    qc_sheet_n: int = 48
+
+
+@dataclass
+class RegisterConfig:
+    """Stage 4: similarity transform into the standard canvas, region crops.
+
+    Canvas and boxes are given in full-size canvas pixels and multiplied by `canvas_scale`.
+    """
+
+    canvas_scale: float = 0.25
+    canvas_h_px: int = 2080
+    canvas_w_px: int = 1600
+    tip_y_px: float = 100.0  # middle fingertip this far below the top edge
+    capitate_from_bottom_px: float = 480.0  # capitate this far above the bottom edge
+    regions: dict[str, list[int]] = field(
+        default_factory=lambda: {
+            "A": [0, 0, 1600, 2080],
+            "B": [400, 1300, 1200, 2080],
+            "C": [0, 600, 1600, 1500],
+        }
+    )
+    crop_sizes: dict[str, list[int]] = field(  # (height, width) of each region crop written
+        default_factory=lambda: {"A": [256, 200], "B": [192, 192], "C": [144, 256]}
+    )
+    max_hand_length_z: float = 4.0  # hand length this many SDs from the data set's median: fallback
+    qc_sheet_n: int = 48
+
+
+@dataclass
+class FoldsConfig:
+    """Stage 5: stratified folds and an optional hold-out."""
+
+    n_folds: int = 5
+    seed: int = 42
+    holdout_n: int = 0
+    age_bin_months: int = 24
+
+
+@dataclass
+class TrainConfig:
+    """Stage 6: the grid of bone age networks trained over folds."""
+
+    regions: list[str] = field(default_factory=lambda: ["A", "B", "C"])
+    heads: list[str] = field(default_factory=lambda: ["reg", "cls"])
+    sex_modes: list[str] = field(default_factory=lambda: ["sex_input"])
+    backbones: list[str] = field(default_factory=lambda: ["vgg"])
+    weights_path: str = ""  # local backbone weights for timm models; empty: from scratch
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    vgg_width: float = 1.0  # multiplies the paper's filter counts (32 ... 384)
+    vgg_fc: int = 2048
+    dropout: float = 0.3
+    aug_zoom: float = 0.2  # the paper's ranges
+    aug_rotate_deg: float = 20.0
+    aug_shift: float = 0.2
+    aug_gamma: list[float] = field(default_factory=lambda: [0.8, 1.2])
+    aug_brightness: float = 0.1  # brightness and contrast limits (albumentations), 0: off
+    cls_ce_weight: float = 1.0
+    cls_label_sigma_months: float = 6.0  # soft label width for the classification head
+    tta: bool = False
+    amp: bool = True  # bf16 autocast on CUDA
+    channels_last: bool = True
+    compile: bool = False
+    num_workers: int = 2
+    optimizer: str = "adamw"  # adam or adamw
+    schedule: str = "onecycle"  # onecycle or cosine (stepped per batch)
+    vgg_pool: str = "flatten"  # flatten (the paper) or avg (global average pooling, any input size)
+    input_norm: str = "fixed"  # fixed: (x - 0.5) / 0.25 on [0, 1] pixels; per_image: standardise each crop
+    timm_fc: int = 256  # hidden units of the head on a timm backbone; 0: one linear layer
+    cls_mae_weight: float = 1.0  # weight of the expected value's MAE (months / 120) in the cls loss
+    only_models: list[str] = field(default_factory=list)  # train only these model names; empty: all
+    only_folds: list[int] = field(default_factory=list)  # train only these folds; empty: all
+
+
+@dataclass
+class BlendConfig:
+    """Stage 7: the linear blend of out-of-fold predictions."""
+
+    method: str = "nnls"  # nnls (non-negative coefficients + intercept) or ridge
+    ridge_alpha: float = 1.0
+    check_top_n: int = 10  # test cases listed for a person to check
+
+
+@dataclass
+class PredictConfig:
+    """Single-radiograph assessment and the self-check."""
+
+    min_quality: float = 0.5  # below this overall quality a radiograph is rejected
+
+
+@dataclass
+class Config:
+    """The whole run. `input_dir` ... `submissions_dir` let several runs live side by side."""
+
+    input_dir: str = "input"
+    work_dir: str = "work"
+    folds_dir: str = "folds"
+    oof_dir: str = "oof"
+    submissions_dir: str = "submissions"
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda
+    threads: int = 0  # torch threads; 0: torch's default
+    input: InputConfig = field(default_factory=InputConfig)
+    demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+    phantom: PhantomConfig = field(default_factory=PhantomConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    keypoints: KeypointsConfig = field(default_factory=KeypointsConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+    folds: FoldsConfig = field(default_factory=FoldsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    blend: BlendConfig = field(default_factory=BlendConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+    def path(self, key: str) -> Path:
+        """Resolve one of the path keys (`input_dir`, `work_dir`, ...) against the repository."""
+        p = Path(getattr(self, key))
+        return p if p.is_absolute() else REPO_ROOT / p
+
+    @property
+    def input_path(self) -> Path:
+        return self.path("input_dir")
+
+    @property
+    def work_path(self) -> Path:
+        return self.path("work_dir")
+
+    @property
+    def folds_path(self) -> Path:
+        return self.path("folds_dir")
+
+    @property
+    def oof_path(self) -> Path:
+        return self.path("oof_dir")
+
+    @property
+    def submissions_path(self) -> Path:
+        return self.path("submissions_dir")
+
+
+def _coerce(value, tp, key: str):
+    """Turn a YAML value into the annotated type, or raise a ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)[:1]
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        return value
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("true", "yes", "1", "on"):
+                    return True
+                if low in ("false", "no", "0", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            close = [n for n in names if n.startswith(str(key)[:3])]
+            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`key.sub=value` -> (key.sub, YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML profile and apply `key=value` overrides (dotted keys reach into sections)."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_absolute() and not p.exists():
+            p = REPO_ROOT / p
+        if not p.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    return _build(Config, data)
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_resolved(cfg: Config, path: Path) -> None:
+    """Write the resolved config (every default filled in) next to a stage's outputs."""
+    from boneage.fileio import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
