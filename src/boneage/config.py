@@ -50,7 +50,7 @@ class SegmentConfig:
     work_size_px: int = 256  # long side of the working resolution (image is padded to a square)
     encoder: str = "resnet18"
     encoder_depth: int = 4
-    decoder_channels: list[int] = field(default_factory=lambda: [128, 64, 32, 16])
+    decoder_channels: list[int] = field(default_factory=lambda: [64, 32, 16, 8])  # narrow: fast on CPU
     weights_path: str = ""  # local state dict to start from; empty: from scratch
     epochs: int = 12
     batch_size: int = 16
@@ -61,6 +61,12 @@ class SegmentConfig:
     flag_below_quality: float = 0.5  # masks below this are flagged for a person
     max_train_images: int = 2000
     qc_sheet_n: int = 48
+    pseudo_label_min_confidence: float = 0.9  # self-training keeps predictions with mean |2p-1| above this
+    smooth_sigma_frac: float = 0.004  # border smoothing of predicted masks, share of the long side
+    dilate_frac: float = 0.01  # grow predicted masks by this share of the long side (fingertip soft tissue)
+    predict_batch_size: int = 16
+    polarity_retry_quality: float = 0.0  # masks below this (or a negative polarity score) are retried inverted
+    invert_aug_p: float = 0.5  # share of training samples shown inverted: the U-Net learns both polarities
 
 
 @dataclass
@@ -71,6 +77,9 @@ class CleanConfig:
     clahe_tile_grid: int = 8
     smooth_sigma_frac: float = 0.004  # border smoothing, fraction of the image's long side
     min_area_frac: float = 0.03  # a hand smaller than this share of the image is implausible
+    max_area_frac: float = 0.95  # a hand larger than this share of the image is implausible
+    dilate_frac: float = 0.0  # grow the mask by this share of the long side before cutting the hand out
+    min_quality: float = 0.25  # a mask below this quality (masks.mask_quality) is not used: radiograph kept whole
     qc_sheet_n: int = 48
 
 
@@ -78,8 +87,8 @@ class CleanConfig:
 class KeypointsConfig:
     """Stage 3: three-point regression CNN, with a geometric bootstrap."""
 
-    input_size_px: int = 256  # square input of the VGG-style network
-    filters: list[int] = field(default_factory=lambda: [32, 64, 128, 128, 256])
+    input_size_px: int = 128  # square input of the VGG-style network (CPU speed: >= 10 radiographs/s with stage 4)
+    filters: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 128])  # one VGG module each
     epochs: int = 20
     batch_size: int = 16
     lr: float = 1e-3
@@ -93,6 +102,16 @@ class KeypointsConfig:
         }
     )
     qc_sheet_n: int = 48
+    via_attribute: str = ""  # VIA region attribute holding the point name; empty: any attribute
+    fc_units: int = 256  # width of the hidden fully connected layer
+    aug_zoom: float = 0.15  # augmentation: zoom range, rotation (degrees), shift (fraction of the input)
+    aug_rotate_deg: float = 20.0
+    aug_shift: float = 0.08
+    min_train_images: int = 8  # fewer labelled images (manual + pseudo): no network, geometric points only
+    max_pseudo_labels: int = 400  # at most this many geometric pseudo-labels (the most confident; CPU time)
+    tip_inset_frac: float = 0.03  # geometric: step from the soft-tissue tip toward the bone tip (x tip-palm length)
+    capitate_along: float = 0.21  # geometric: capitate beyond the palm centre (x tip-palm length), rsna-half fit
+    capitate_across: float = -0.02  # geometric: and across, toward the thumb side (x tip-palm length)
 
 
 @dataclass
@@ -119,6 +138,10 @@ class RegisterConfig:
     )
     max_hand_length_z: float = 4.0  # hand length this many SDs from the data set's median: fallback
     qc_sheet_n: int = 48
+    min_confidence: float = 0.3  # keypoints below this confidence: mask-based fallback
+    thumb_canvas_xy: list[float] = field(default_factory=lambda: [1515.0, 835.0])  # typical thumb tip (rsna-half)
+    max_thumb_residual_px: float = 600.0  # registered thumb tip farther than this from typical: flagged
+    fallback_hand_width_px: float = 1150.0  # mask fallback: the hand's widest extent maps to this width
 
 
 @dataclass
@@ -176,6 +199,9 @@ class BlendConfig:
     method: str = "nnls"  # nnls (non-negative coefficients + intercept) or ridge
     ridge_alpha: float = 1.0
     check_top_n: int = 10  # test cases listed for a person to check
+    check_keypoint_confidence: float = 0.5  # test cases with keypoint confidence below this are listed too
+    age_band_months: int = 24  # width of the age bands in the report's MAE-by-age plot
+    copy_qc: bool = True  # copy QC sheets and resolved configs next to the report (self-contained folder)
 
 
 @dataclass
@@ -183,6 +209,37 @@ class PredictConfig:
     """Single-radiograph assessment and the self-check."""
 
     min_quality: float = 0.5  # below this overall quality a radiograph is rejected
+    min_hand_area_frac: float = 0.02  # a mask smaller than this share of the image: no hand, never forced
+    agreement_scale_months: float = 24.0  # quality part exp(-(sd - ok) / this) for model/fold agreement
+    agreement_ok_months: float = 12.0  # model/fold spread up to this: agreement part 1
+    residual_scale_frac: float = 0.25  # registration part exp(-(thumb residual - ok) / (full canvas height * this))
+    residual_ok_frac: float = 0.1  # thumb residual up to this share of the canvas height: registration part 1
+    mask_method_quality: float = 0.6  # registration quality part when it fell back to the mask
+    # before segmentation: polarity turned to normal (masks.normal_polarity) and grey levels stretched so that
+    # the 0.5th..99.5th percentiles span 0..255: brightness / contrast / inversion no longer reach the U-Net
+    normalise_input: bool = True
+    # self-check (boneage.assess.quality_score): image-level checks before any network
+    max_colourfulness: float = 15.0  # Hasler-Suesstrunk colourfulness of the file; above: a colour photograph
+    min_dynamic_range: float = 24.0  # grey levels between the 0.5th and 99.5th percentile; below: blank/saturated
+    max_saturated_frac: float = 0.9  # share of pixels >= 250 (or <= 5) above which the image is saturated/empty
+    # mask checks (on the U-Net's raw mask and the kept hand component)
+    max_second_object_ratio: float = 0.4  # 2nd largest mask component / largest; above: two hands (or two objects)
+    min_finger_gaps: int = 1  # deep convexity defects of the hand's outline; below: no fingers (forearm, ...)
+    finger_gap_depth_frac: float = 0.06  # a gap is deeper than this share of sqrt(hull area)
+    min_hand_span: float = 0.42  # the hand's extent / the image's, along the longer of the two: below, a fragment
+    max_hand_aspect: float = 4.5  # long / short side of the hand component's rotated box; above: not a hand
+    # a convex, elongated outline (no finger gaps to speak of): a foot, or a mask that missed the fingers
+    max_convex_solidity: float = 0.9  # rejected when solidity is above this ...
+    max_convex_aspect: float = 1.8  # ... and the aspect above this
+    # soft parts beyond the four of quality_parts: agreement between regions and the cls heads' spread
+    region_spread_ok_months: float = 24.0  # max - min of the region estimates up to this: part 1
+    region_spread_scale_months: float = 36.0  # then exp(-(spread - ok) / this)
+    cls_width_ok_months: float = 30.0  # mean SD of the cls heads' distributions up to this: part 1
+    cls_width_scale_months: float = 30.0  # then exp(-(width - ok) / this)
+    # when the models' validation widths are known (fold*/pred_val.csv): width / their median instead
+    cls_width_ok_ratio: float = 1.3  # up to this ratio: part 1
+    cls_width_ratio_scale: float = 0.5  # then exp(-(ratio - ok) / this)
+    min_part_quality: float = 0.1  # one part below this rejects on its own
 
 
 @dataclass

@@ -1,0 +1,450 @@
+"""Classical hand masks, mask quality, post-processing, polarity and contrast (stages 1-2).
+
+Everything here works on plain numpy arrays (uint8 radiographs, bool masks) and is shared by the
+stage scripts, the U-Net bootstrap in `boneage.segmentation` and `src/predict.py`.
+
+- `detect_inverted`: a radiograph with a white background (inverted polarity).
+- `classical_mask`: the first guess without any network: contrast normalisation, a sweep of
+  thresholds, morphology, and per threshold the component that looks most like a hand; the
+  threshold whose mask scores best on `mask_quality` wins.
+- `mask_quality`: 0..1 from area fraction, solidity (area / convex hull area), the number of
+  deep convexity defects (gaps between fingers) and contact with the image border.
+- `postprocess_mask`: keep the hand's component, fill holes, smooth the border.
+- `clean_radiograph`: stage 2 on one radiograph.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+FLAG_QUALITY = 0.5  # mask_quality flags masks below this
+TIE_AREA_RANK = 0.85  # rank (0 smallest .. 1 largest) of the chosen mask among near-best candidates
+OPEN_PX = 5  # opening kernel of the classical guess at 256 px: cuts thin bridges to collimation edges
+
+
+# ----------------------------------------------------------------------------------------- polarity
+def _border_and_centre(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    h, w = image.shape
+    b = max(2, round(0.06 * min(h, w)))
+    ring = np.concatenate([image[:b].ravel(), image[-b:].ravel(), image[b:-b, :b].ravel(), image[b:-b, -b:].ravel()])
+    centre = image[h // 4: 3 * h // 4, w // 4: 3 * w // 4]
+    return ring, centre
+
+
+def polarity_score(image: np.ndarray) -> float:
+    """Positive for a normal radiograph (dark background, bright hand), negative for an inverted one.
+
+    The hand fills the middle of a radiograph and the bones are its brightest (normal) or darkest
+    (inverted) structures. We compare the darkest and brightest tails of the centre with the
+    border: in a normal radiograph the centre's bright tail (bone) stands out above the border
+    more than its dark tail falls below it.
+    """
+    img = _small(image, 256)
+    img = cv2.GaussianBlur(img, (0, 0), 1.0)
+    ring, centre = _border_and_centre(img)
+    c_lo, c_hi = np.percentile(centre, [5, 95])
+    r_med = float(np.median(ring))
+    return float((c_hi - r_med) - (r_med - c_lo)) / 255.0
+
+
+def polarity_from_mask(image: np.ndarray, mask: np.ndarray) -> float | None:
+    """Median inside the hand minus median of the band just outside it, in 0..1 units (positive:
+    normal polarity, the hand brighter than the background around it); None without a usable mask."""
+    if mask is None or mask.shape != image.shape or not mask.any() or mask.all():
+        return None
+    img = _small(image, 256)
+    m = mask
+    if m.shape != img.shape:
+        m = cv2.resize(m.astype(np.uint8), (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST) > 0
+    r = max(2, round(0.03 * max(img.shape)))
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    mu8 = m.astype(np.uint8)
+    ring = (cv2.dilate(mu8, k) > 0) & ~m
+    core = (cv2.erode(mu8, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))) > 0)
+    if ring.sum() < 10 or core.sum() < 10:
+        return None
+    return float(np.median(img[core]) - np.median(img[ring])) / 255.0
+
+
+def detect_inverted(image: np.ndarray, mask: np.ndarray | None = None) -> bool:
+    """True when the radiograph has inverted polarity (white background, dark bones).
+
+    The hand's soft tissue is brighter than the background right around it in a normal
+    radiograph. With a `mask` (the hand) that comparison decides; without one the classical
+    first guess (`classical_mask`, which tries both polarities) provides the mask. A bright border
+    alone (unexposed film outside the collimation) does not make a radiograph inverted.
+    """
+    if mask is None:
+        small = _small(image, 128)
+        mask, _, _, inv = _classical(small, 128)
+        if mask.any():
+            return inv
+    d = polarity_from_mask(image, mask)
+    if d is None:
+        return polarity_score(image) < 0.0
+    return d < 0.0
+
+
+def normal_polarity(image: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The radiograph turned to normal polarity and whether it was inverted."""
+    inv = detect_inverted(image)
+    return (255 - image if inv else image), inv
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _small(image: np.ndarray, long_side: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    s = long_side / max(h, w)
+    if s >= 1.0:
+        return image
+    return cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill every hole of a bool mask (background not connected to the image border)."""
+    m = mask.astype(np.uint8)
+    h, w = m.shape
+    pad = np.zeros((h + 2, w + 2), np.uint8)
+    pad[1:-1, 1:-1] = m
+    flood = pad.copy()
+    ff = np.zeros((h + 4, w + 4), np.uint8)
+    cv2.floodFill(flood, ff, (0, 0), 1)
+    holes = flood[1:-1, 1:-1] == 0
+    return mask.astype(bool) | holes
+
+
+def components(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """(number of components, label image, stats) of a bool mask, background excluded from the count."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    return n - 1, labels, stats
+
+
+def count_components(mask: np.ndarray, min_frac: float = 0.001) -> int:
+    """Components larger than `min_frac` of the image."""
+    n, _, stats = components(mask)
+    if n == 0:
+        return 0
+    return int((stats[1:, cv2.CC_STAT_AREA] >= min_frac * mask.size).sum())
+
+
+# ----------------------------------------------------------------------------------------- quality
+def shape_features(mask: np.ndarray) -> dict:
+    """Geometry of the largest component of a bool mask (computed at <= 256 px for speed)."""
+    m = mask.astype(np.uint8)
+    if max(m.shape) > 256:
+        m = (_small(m * 255, 256) > 127).astype(np.uint8)
+    h, w = m.shape
+    total = float(m.sum())
+    feats = {"area_frac": total / m.size, "solidity": 0.0, "straight": 0.0, "defects": 0, "border_frac": 0.0,
+             "n_components": count_components(m > 0), "largest_frac": 0.0}
+    if total == 0:
+        return feats
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    c = max(contours, key=cv2.contourArea)
+    area = cv2.contourArea(c)
+    feats["largest_frac"] = area / max(total, 1.0)
+    hull_pts = cv2.convexHull(c)
+    hull_area = cv2.contourArea(hull_pts)
+    feats["solidity"] = float(area / hull_area) if hull_area > 0 else 0.0
+    # finger gaps: convexity defects deeper than a share of the hand's size
+    if len(c) >= 5 and area > 0:
+        hull_idx = cv2.convexHull(c, returnPoints=False)
+        try:
+            defects = cv2.convexityDefects(c, np.sort(hull_idx, axis=0))
+        except cv2.error:
+            defects = None
+        if defects is not None:
+            depth = defects[:, 0, 3] / 256.0
+            feats["defects"] = int((depth > 0.12 * np.sqrt(hull_area)).sum())
+    # straight edges (collimation borders, rulers): polygon sides longer than a quarter of the long
+    # side, not lying on the image border, summed and divided by the long side
+    long_side = max(h, w)
+    poly = cv2.approxPolyDP(c, 0.012 * long_side, True)[:, 0, :].astype(np.float32)
+    straight = 0.0
+    for p0, p1 in zip(poly, np.roll(poly, -1, axis=0)):
+        seg = float(np.hypot(*(p1 - p0)))
+        if seg < 0.35 * long_side:
+            continue
+        on_border = (max(p0[0], p1[0]) <= 1 or min(p0[0], p1[0]) >= w - 2
+                     or max(p0[1], p1[1]) <= 1 or min(p0[1], p1[1]) >= h - 2)
+        if not on_border:
+            straight += seg
+    feats["straight"] = straight / long_side
+    # border contact: share of the image border covered by the mask
+    border = np.concatenate([m[0], m[-1], m[1:-1, 0], m[1:-1, -1]])
+    feats["border_frac"] = float(border.mean())
+    return feats
+
+
+def _ramp(x: float, lo0: float, lo1: float, hi1: float, hi0: float) -> float:
+    """1 on [lo1, hi1], linear down to 0 at lo0 and hi0."""
+    if x < lo1:
+        return float(np.clip((x - lo0) / max(lo1 - lo0, 1e-9), 0.0, 1.0))
+    if x > hi1:
+        return float(np.clip((hi0 - x) / max(hi0 - hi1, 1e-9), 0.0, 1.0))
+    return 1.0
+
+
+def quality_from_features(f: dict, flag_below: float = FLAG_QUALITY) -> tuple[float, str]:
+    if f["area_frac"] <= 0:
+        return 0.0, "empty"
+    s_area = _ramp(f["area_frac"], 0.03, 0.10, 0.70, 0.90)
+    s_sol = _ramp(f["solidity"], 0.30, 0.45, 0.86, 0.97)
+    d = f["defects"]
+    s_fing = 1.0 if 3 <= d <= 6 else (0.65 if d in (2, 7) else (0.35 if d == 1 or d == 8 else 0.15))
+    s_border = _ramp(f["border_frac"], -1.0, 0.0, 0.12, 0.40)
+    s_frag = _ramp(f["largest_frac"], 0.5, 0.9, 1.0, 1.1)
+    s_straight = _ramp(f["straight"], -1.0, 0.0, 0.7, 1.6)
+    q = float((s_area * s_sol * s_fing * s_border * s_frag * s_straight) ** (1.0 / 3.0))
+    reasons = []
+    if s_area < 0.5:
+        reasons.append("area" + ("_small" if f["area_frac"] < 0.1 else "_large"))
+    if s_sol < 0.5:
+        reasons.append("blob" if f["solidity"] > 0.86 else "ragged")
+    if s_fing < 0.5:
+        reasons.append("fingers")
+    if s_border < 0.5:
+        reasons.append("border")
+    if s_straight < 0.5:
+        reasons.append("straight_edges")
+    if s_frag < 0.5:
+        reasons.append("fragmented")
+    flag = ""
+    if q < flag_below:
+        flag = "low_quality:" + "+".join(reasons) if reasons else "low_quality"
+    return q, flag
+
+
+def mask_quality(mask: np.ndarray) -> tuple[float, str]:
+    """Quality 0..1 of a hand mask and a flag ('' when fine, else a short reason for a person)."""
+    if mask is None or mask.size == 0 or not mask.any():
+        return 0.0, "empty"
+    return quality_from_features(shape_features(mask > 0))
+
+
+# ----------------------------------------------------------------------------------------- post-processing
+def select_hand_component(mask: np.ndarray) -> np.ndarray:
+    """The component most like a hand: among components of at least 15 % of the largest, the best
+    quality x sqrt(area); drops letters, markers, rulers and collimation bands that are separate."""
+    n, labels, stats = components(mask)
+    if n == 0:
+        return np.zeros(mask.shape, bool)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    order = np.argsort(-areas)
+    if n == 1:
+        return labels == 1
+    best, best_score = None, -1.0
+    for k in order[:4]:
+        if areas[k] < 0.15 * areas[order[0]]:
+            break
+        comp = labels == (k + 1)
+        q, _ = mask_quality(comp)
+        score = (q + 0.05) * np.sqrt(areas[k])
+        if score > best_score:
+            best, best_score = comp, score
+    return best
+
+
+def smooth_mask(mask: np.ndarray, sigma_px: float) -> np.ndarray:
+    if sigma_px <= 0.3:
+        return mask.astype(bool)
+    f = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), sigma_px)
+    return f > 0.5
+
+
+def postprocess_mask(mask: np.ndarray, smooth_sigma_frac: float = 0.004, dilate_frac: float = 0.0) -> np.ndarray:
+    """Keep the hand's component, fill its holes, smooth its border (sigma a share of the long side),
+    optionally grow it by `dilate_frac` of the long side."""
+    m = mask.astype(bool)
+    if not m.any():
+        return m
+    long_side = max(m.shape)
+    m = select_hand_component(m)
+    m = fill_holes(m)
+    m = smooth_mask(m, smooth_sigma_frac * long_side)
+    r = round(dilate_frac * long_side)
+    if r >= 1:
+        k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+        m = cv2.dilate(m.astype(np.uint8), k) > 0
+    if m.any():
+        m = select_hand_component(m)
+    return m
+
+
+# ----------------------------------------------------------------------------------------- classical guess
+def normalise_contrast(image: np.ndarray) -> np.ndarray:
+    """Percentile stretch then CLAHE with large tiles: flattens exposure differences between films."""
+    lo, hi = np.percentile(image, [1, 99.5])
+    img = np.clip((image.astype(np.float32) - lo) * (255.0 / max(hi - lo, 1.0)), 0, 255).astype(np.uint8)
+    return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(4, 4)).apply(img)
+
+
+def classical_candidates(image: np.ndarray, work_px: int = 256, n_thresholds: int = 12) -> list[np.ndarray]:
+    """Candidate masks at `work_px` from a sweep of thresholds (normal polarity assumed)."""
+    img = _small(image, work_px)
+    norm = normalise_contrast(img)
+    blur = cv2.GaussianBlur(norm, (0, 0), 1.2).astype(np.float32)
+    # local background: subtract a strongly blurred copy of the image with the bright tail clipped,
+    # which removes slow exposure gradients (heel effect) but keeps the hand's edge.
+    long_side = max(img.shape)
+    k_open = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (OPEN_PX, OPEN_PX))
+    cands = []
+    lo, hi = np.percentile(blur, [25, 95])
+    otsu, _ = cv2.threshold(blur.astype(np.uint8), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    ts = list(np.linspace(lo, hi, n_thresholds)) + [float(otsu)]
+    for t in ts:
+        m = blur > t
+        m = cv2.morphologyEx(m.astype(np.uint8), cv2.MORPH_OPEN, k_open) > 0
+        if m.sum() < 0.02 * m.size:
+            continue
+        comp = select_hand_component(m)
+        comp = fill_holes(comp)
+        comp = smooth_mask(comp, 0.004 * long_side)
+        if comp.any():
+            cands.append(comp)
+    return cands
+
+
+def refine_boundary(img: np.ndarray, mask: np.ndarray, band_px: int = 3, iterations: int = 2) -> np.ndarray:
+    """Move a rough mask's border to the mid-level between the hand's soft tissue and the background:
+    levels from bands 3-6 px inside and outside the border, a threshold between them applied only
+    within `band_px` of the border."""
+    if not mask.any():
+        return mask
+    sm = cv2.GaussianBlur(img, (0, 0), 0.7).astype(np.float32)
+
+    def disk(r):
+        return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+
+    for _ in range(iterations):
+        mu8 = mask.astype(np.uint8)
+        ring_in = (cv2.erode(mu8, disk(2)) > 0) & ~(cv2.erode(mu8, disk(5)) > 0)
+        ring_out = (cv2.dilate(mu8, disk(5)) > 0) & ~(cv2.dilate(mu8, disk(2)) > 0)
+        if ring_out.sum() < 10 or ring_in.sum() < 10:
+            return mask
+        t = 0.5 * (np.median(sm[ring_in]) + np.median(sm[ring_out]))
+        outer = cv2.dilate(mu8, disk(band_px)) > 0
+        inner = cv2.erode(mu8, disk(band_px)) > 0
+        refined = inner | (outer & (sm > t))
+        refined = cv2.morphologyEx(refined.astype(np.uint8), cv2.MORPH_OPEN, disk(1)) > 0
+        refined = fill_holes(select_hand_component(refined))
+        if not refined.any():
+            return mask
+        mask = refined
+    return mask
+
+
+def _texture_ratio(grad: np.ndarray, mask: np.ndarray) -> float:
+    """Mean gradient inside the mask (its border excluded) over the mean gradient outside it."""
+    mu8 = mask.astype(np.uint8)
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+    inner = cv2.erode(mu8, k) > 0
+    outer = ~(cv2.dilate(mu8, k) > 0)
+    if inner.sum() < 10 or outer.sum() < 10:
+        return 0.0
+    return float(grad[inner].mean() / max(grad[outer].mean(), 1e-3))
+
+
+def _edge_strength(grad: np.ndarray, mask: np.ndarray) -> float:
+    """Mean gradient magnitude on the mask's border pixels."""
+    mu8 = mask.astype(np.uint8)
+    border = (cv2.dilate(mu8, np.ones((3, 3), np.uint8)) > 0) & ~(cv2.erode(mu8, np.ones((3, 3), np.uint8)) > 0)
+    return float(grad[border].mean()) if border.any() else 0.0
+
+
+def _classical(img: np.ndarray, work_px: int) -> tuple[np.ndarray, float, str, bool]:
+    """Best candidate over both polarities at <= work_px: (mask at img's size, quality, flag, inverted)."""
+    small = _small(img, work_px)
+    gx = cv2.Sobel(cv2.GaussianBlur(small, (0, 0), 1.0).astype(np.float32), cv2.CV_32F, 1, 0)
+    gy = cv2.Sobel(cv2.GaussianBlur(small, (0, 0), 1.0).astype(np.float32), cv2.CV_32F, 0, 1)
+    grad = np.hypot(gx, gy)
+    scored = []
+    for inv in (False, True):
+        view = 255 - small if inv else small
+        for c in classical_candidates(view, work_px):
+            q, flag = mask_quality(c)
+            t = _texture_ratio(grad, c)
+            # a hand holds bones (edges inside), a patch of background is flat; the normal
+            # polarity wins ties: it is by far the more common one
+            s = q * _ramp(t, 0.7, 1.4, 1e9, 2e9) - (0.05 if inv else 0.0)
+            scored.append((s, 0.0, c, q, flag, inv))
+    if not scored:
+        return np.zeros(img.shape, bool), 0.0, "empty", False
+    # among the near-best (a stable range of thresholds), a larger-than-median one: the lowest
+    # thresholds bridge the gaps between fingers, the highest lose the thin fingertips
+    top = max(t[0] for t in scored)
+    near = [t for t in scored if t[0] >= top - 0.03]
+    near.sort(key=lambda t: t[2].sum())
+    _, _, best, q, flag, inv = near[min(len(near) - 1, int(TIE_AREA_RANK * len(near)))]
+    best = refine_boundary(255 - small if inv else small, best)
+    q, flag = mask_quality(best)
+    h, w = img.shape
+    if best.shape != (h, w):
+        best = cv2.resize(best.astype(np.uint8) * 255, (w, h), interpolation=cv2.INTER_LINEAR) > 127
+    return best, q, flag, inv
+
+
+def classical_mask(image: np.ndarray, work_px: int = 256) -> tuple[np.ndarray, float, str]:
+    """First guess without a network: (bool mask at the image's size, quality, flag).
+
+    Candidates come from a threshold sweep of the radiograph in both polarities (so an inverted
+    radiograph is segmented too); the one with the best `mask_quality` wins (ties: normal
+    polarity, then the larger mask, so fingertips stay in); its border is then refined to the
+    mid-level between hand and background.
+    """
+    m, q, flag, _ = _classical(image, work_px)
+    return m, q, flag
+
+
+# ----------------------------------------------------------------------------------------- stage 2
+def equalise(image: np.ndarray, mask: np.ndarray | None, clip_limit: float = 2.0, tile_grid: int = 8) -> np.ndarray:
+    """CLAHE inside the hand: the background is set to the hand's median first so it does not
+    take part in the tiles' histograms, then set to 0 again."""
+    clahe = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(int(tile_grid), int(tile_grid)))
+    if mask is None or not mask.any():
+        return clahe.apply(image)
+    fill = np.uint8(np.median(image[mask]))
+    tmp = np.where(mask, image, fill).astype(np.uint8)
+    out = clahe.apply(tmp)
+    out[~mask] = 0
+    return out
+
+
+def clean_radiograph(image: np.ndarray, mask: np.ndarray, cfg) -> tuple[np.ndarray, dict]:
+    """Stage 2 on one radiograph: polarity corrected, hand only (black background), CLAHE inside.
+
+    Returns the clean uint8 image (same size) and {inverted, kept_area_frac, flag, mask}. An empty
+    or implausible mask never raises: the radiograph is kept whole (polarity corrected and
+    equalised) and flagged.
+    """
+    flag = ""
+    m = None if mask is None else (mask > 0)
+    if m is not None and m.shape != image.shape:
+        m = cv2.resize(m.astype(np.uint8) * 255, (image.shape[1], image.shape[0]),
+                       interpolation=cv2.INTER_NEAREST) > 127
+    # the hand-vs-surroundings comparison needs a plausible mask; otherwise the classical guess decides
+    usable = m is not None and m.any() and mask_quality(m)[0] >= 0.5
+    inverted = detect_inverted(image, m if usable else None)
+    img = 255 - image if inverted else image
+    if m is None or not m.any():
+        flag = "empty_mask"
+    else:
+        m = postprocess_mask(m, cfg.smooth_sigma_frac, getattr(cfg, "dilate_frac", 0.0))
+        frac = float(m.mean())
+        if frac < cfg.min_area_frac:
+            flag = f"mask_too_small:{frac:.3f}"
+        elif frac > getattr(cfg, "max_area_frac", 0.95):
+            flag = f"mask_too_large:{frac:.3f}"
+        else:
+            q, _ = mask_quality(m)
+            if q < getattr(cfg, "min_quality", 0.25):
+                flag = f"implausible_mask:q{q:.2f}"
+    if flag:
+        out = equalise(img, None, cfg.clahe_clip_limit, cfg.clahe_tile_grid)
+        final = np.ones(img.shape, bool)
+    else:
+        out = equalise(img, m, cfg.clahe_clip_limit, cfg.clahe_tile_grid)
+        final = m
+    info = {"inverted": bool(inverted), "kept_area_frac": float(final.mean()), "flag": flag, "mask": final}
+    return out, info

@@ -1,0 +1,371 @@
+"""Stage 1: U-Net hand segmentation trained from zero (or few) manual masks.
+
+- Network: `segmentation_models_pytorch.Unet` with batch normalisation in the decoder, one input
+  channel, one logit, no pretrained download (`encoder_weights=None`); `cfg.weights_path` may
+  point to a local state dict to start from.
+- Loss: L = H - log J with H the mean binary cross-entropy and J the soft Jaccard index. The
+  method's formula J = (1/n) sum_i y_i p_i / (y_i + p_i - y_i p_i), read per pixel, reduces to the
+  mean of p over the positive pixels and never penalises a false positive; we use the form of the
+  paper's authors' code (TernausNet): J = (sum y p + eps) / (sum y + sum p - sum y p + eps) over
+  the batch, which is the same index computed on sums. J is in (0, 1], 1 for a perfect mask.
+- Polarity: the network is trained with half of its samples inverted (`invert_aug_p`), so it
+  segments normal and inverted radiographs alike and stage 1 needs no polarity decision; the
+  classical first guess tries both polarities; stage 2 decides polarity from the mask.
+- Working resolution: each radiograph is resized so its long side is `work_size_px` and padded
+  (top-left anchored, black) to a square.
+  Predictions are cropped back and resized to the radiograph's own size, then post-processed
+  (`masks.postprocess_mask`).
+- Labels: manual masks where present, else the classical first guess (`masks.classical_mask`)
+  where its quality passes `pseudo_label_min_quality`; then `self_training_rounds` rounds of
+  (train, predict every training image, re-score, keep the confident ones as the new labels).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from boneage.masks import classical_mask, mask_quality, polarity_score, postprocess_mask
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "unet.pt"
+
+
+# ----------------------------------------------------------------------------------------- network
+def build_unet(cfg) -> torch.nn.Module:
+    """The U-Net of `cfg` (SegmentConfig), from scratch or from `cfg.weights_path` when it is a file."""
+    import segmentation_models_pytorch as smp
+
+    depth = int(cfg.encoder_depth)
+    dec = list(cfg.decoder_channels)[:depth]
+    while len(dec) < depth:
+        dec.append(max(8, dec[-1] // 2) if dec else 16)
+    model = smp.Unet(encoder_name=cfg.encoder, encoder_depth=depth, encoder_weights=None,
+                     decoder_use_norm="batchnorm", decoder_channels=dec, in_channels=1, classes=1)
+    wp = getattr(cfg, "weights_path", "")
+    if wp and Path(wp).is_file():
+        state = torch.load(wp, map_location="cpu", weights_only=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        log.info("U-Net: started from %s (%d missing, %d unexpected keys)", wp, len(missing), len(unexpected))
+    return model
+
+
+def soft_jaccard(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Soft Jaccard index over the whole batch, in (0, 1]."""
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum()
+    union = p.sum() + target.sum() - inter
+    return (inter + eps) / (union + eps)
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L = BCE - log(soft Jaccard)."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    return bce - torch.log(soft_jaccard(logits, target))
+
+
+# ----------------------------------------------------------------------------------------- working resolution
+@dataclass
+class WorkImage:
+    image: np.ndarray  # (S, S) uint8, top-left anchored, zero padded
+    size: tuple[int, int]  # (h, w) of the radiograph
+    inner: tuple[int, int]  # (h, w) of the resized radiograph inside the square
+
+
+def to_work(image: np.ndarray, work_px: int) -> WorkImage:
+    """The radiograph resized into a `work_px` square (long side fits, top-left anchored)."""
+    img = image
+    h, w = img.shape
+    s = work_px / max(h, w)
+    nh, nw = max(1, min(work_px, round(h * s))), max(1, min(work_px, round(w * s)))
+    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
+    small = cv2.resize(img, (nw, nh), interpolation=interp)
+    sq = np.zeros((work_px, work_px), np.uint8)
+    sq[:nh, :nw] = small
+    return WorkImage(sq, (h, w), (nh, nw))
+
+
+def mask_to_work(mask: np.ndarray, work_px: int) -> np.ndarray:
+    """A full-size bool mask into the working square (same geometry as `to_work`)."""
+    h, w = mask.shape
+    s = work_px / max(h, w)
+    nh, nw = max(1, min(work_px, round(h * s))), max(1, min(work_px, round(w * s)))
+    small = cv2.resize(mask.astype(np.uint8) * 255, (nw, nh), interpolation=cv2.INTER_AREA) > 127
+    sq = np.zeros((work_px, work_px), bool)
+    sq[:nh, :nw] = small
+    return sq
+
+
+def prob_to_mask(prob: np.ndarray, inner: tuple[int, int], size: tuple[int, int], cfg) -> np.ndarray:
+    """Working-resolution probability -> post-processed bool mask at the radiograph's size."""
+    nh, nw = inner
+    h, w = size
+    crop = np.ascontiguousarray(prob[:nh, :nw].astype(np.float32))
+    full = cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR) > 0.5
+    return postprocess_mask(full, getattr(cfg, "smooth_sigma_frac", 0.004), getattr(cfg, "dilate_frac", 0.0))
+
+
+def _to_tensor(batch: np.ndarray) -> torch.Tensor:
+    """uint8 (N, S, S) -> float (N, 1, S, S), each image standardised to zero mean, unit SD."""
+    x = torch.from_numpy(batch).float().unsqueeze(1) / 255.0
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    std = x.std(dim=(2, 3), keepdim=True).clamp_min(0.02)
+    return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------------------- training
+def _augment(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
+             invert_p: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Flip, rotation/zoom/shift, gamma/contrast, and inverted polarity with probability `invert_p`."""
+    s = img.shape[0]
+    if rng.random() < 0.5:
+        img, mask = img[:, ::-1], mask[:, ::-1]
+    ang = rng.uniform(-20, 20)
+    scale = rng.uniform(0.85, 1.15)
+    tx, ty = rng.uniform(-0.08, 0.08, size=2) * s
+    m = cv2.getRotationMatrix2D((s / 2, s / 2), ang, scale)
+    m[:, 2] += (tx, ty)
+    img = cv2.warpAffine(np.ascontiguousarray(img), m, (s, s), flags=cv2.INTER_LINEAR, borderValue=0)
+    mask = cv2.warpAffine(np.ascontiguousarray(mask), m, (s, s), flags=cv2.INTER_NEAREST, borderValue=0)
+    g = rng.uniform(0.7, 1.4)
+    f = (img.astype(np.float32) / 255.0) ** g
+    f = f * rng.uniform(0.8, 1.2) + rng.uniform(-0.1, 0.1)
+    img = np.clip(f * 255, 0, 255).astype(np.uint8)
+    if rng.random() < invert_p:  # the network learns both polarities
+        img = 255 - img
+    return img, mask
+
+
+def train_unet(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, epochs: int, cfg, device,
+               seed: int = 0) -> list[float]:
+    """Train in place on (N, S, S) uint8 images and (N, S, S) {0,1} labels; returns the mean loss per epoch."""
+    if len(images) == 0 or epochs <= 0:
+        return []
+    model.to(device).train()
+    cl = torch.device(device).type == "cpu"
+    if cl:
+        model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    rng = np.random.default_rng(seed)
+    bs = max(2, int(cfg.batch_size))
+    n = len(images)
+    losses = []
+    from tqdm import tqdm
+
+    invert_p = float(getattr(cfg, "invert_aug_p", 0.5))
+    steps = max(1, n // bs) if n >= bs else 1
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps), eta_min=0.02 * cfg.lr)
+    for ep in range(epochs):
+        order = rng.permutation(n)
+        tot, cnt = 0.0, 0
+        for b in tqdm(range(steps), desc=f"unet epoch {ep + 1}/{epochs}", leave=False, mininterval=5):
+            idx = order[b * bs:(b + 1) * bs] if n >= bs else rng.choice(n, size=bs)
+            xs, ys = zip(*(_augment(images[i], labels[i], rng, invert_p) for i in idx))
+            x = _to_tensor(np.stack(xs)).to(device)
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = torch.from_numpy(np.stack(ys).astype(np.float32)).unsqueeze(1).to(device)
+            loss = segmentation_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += float(loss.detach())
+            cnt += 1
+        losses.append(tot / max(cnt, 1))
+        log.info("U-Net epoch %d/%d: loss %.4f", ep + 1, epochs, losses[-1])
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def predict_probs(model: torch.nn.Module, images: np.ndarray, device, batch_size: int = 16,
+                  flip_tta: bool = False) -> np.ndarray:
+    """(N, S, S) uint8 -> (N, S, S) float32 probabilities."""
+    model.eval()
+    cl = torch.device(device).type == "cpu"  # channels-last convolutions are about 1.6x faster on CPU
+    if cl:
+        model.to(memory_format=torch.channels_last)
+    out = np.zeros(images.shape, np.float32)
+    for i in range(0, len(images), batch_size):
+        x = _to_tensor(images[i:i + batch_size]).to(device)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        p = torch.sigmoid(model(x))
+        if flip_tta:
+            p = 0.5 * (p + torch.sigmoid(model(x.flip(-1))).flip(-1))
+        out[i:i + batch_size] = p[:, 0].float().cpu().numpy()
+    return out
+
+
+def confidence(prob: np.ndarray) -> float:
+    """Mean |2p - 1| over the image: 1 when every pixel is sure."""
+    return float(np.abs(2.0 * prob - 1.0).mean())
+
+
+# ----------------------------------------------------------------------------------------- bootstrap
+@dataclass
+class Bootstrap:
+    model: torch.nn.Module
+    rounds: list[dict] = field(default_factory=list)
+    classical_quality: np.ndarray | None = None
+
+
+def _work_mask_from_prob(prob: np.ndarray, inner: tuple[int, int], cfg) -> np.ndarray:
+    """Post-processed mask in the working square (used for labels and scoring)."""
+    nh, nw = inner
+    m = np.zeros(prob.shape, bool)
+    m[:nh, :nw] = postprocess_mask(prob[:nh, :nw] > 0.5, getattr(cfg, "smooth_sigma_frac", 0.004), 0.0)
+    return m
+
+
+def _summary(q: np.ndarray) -> dict:
+    if len(q) == 0:
+        return {"n": 0}
+    return {"n": int(len(q)), "mean": round(float(np.mean(q)), 4), "median": round(float(np.median(q)), 4),
+            "p10": round(float(np.percentile(q, 10)), 4), "min": round(float(np.min(q)), 4)}
+
+
+def bootstrap_unet(images: np.ndarray, inners: list[tuple[int, int]], manual: dict[int, np.ndarray], cfg,
+                   device, seed: int = 0) -> Bootstrap:
+    """Train the U-Net from manual masks (index -> (S, S) bool) and classical pseudo-labels, then
+    self-train. `images` are working squares of the training radiographs."""
+    n, s, _ = images.shape
+    t0 = time.perf_counter()
+    labels = np.zeros(images.shape, np.uint8)
+    use = np.zeros(n, bool)
+    cq = np.zeros(n, np.float32)
+    for i in range(n):
+        if i in manual:
+            labels[i] = manual[i]
+            use[i] = True
+            cq[i] = 1.0
+            continue
+        nh, nw = inners[i]
+        m, q, _ = classical_mask(images[i, :nh, :nw], work_px=s)
+        cq[i] = q
+        labels[i, :nh, :nw] = m
+        use[i] = q >= cfg.pseudo_label_min_quality
+    rounds = [{"round": 0, "source": "classical", "manual": len(manual), "kept": int(use.sum()), "of": int(n),
+               "quality": _summary(cq[[i for i in range(n) if i not in manual]]),
+               "seconds": round(time.perf_counter() - t0, 1)}]
+    log.info("bootstrap round 0 (classical): kept %d of %d (%d manual)", use.sum(), n, len(manual))
+    if not use.any():  # nothing plausible: train on every classical guess rather than nothing
+        use[:] = True
+    torch.manual_seed(seed)
+    model = build_unet(cfg).to(device)
+    losses = train_unet(model, images[use], labels[use], int(cfg.epochs), cfg, device, seed)
+    rounds[0]["train_losses"] = [round(x, 4) for x in losses]
+    for r in range(1, int(cfg.self_training_rounds) + 1):
+        t1 = time.perf_counter()
+        probs = predict_probs(model, images, device, max(2, int(cfg.batch_size)))
+        pq = np.zeros(n, np.float32)
+        conf = np.zeros(n, np.float32)
+        new_labels = labels.copy()
+        new_use = np.zeros(n, bool)
+        for i in range(n):
+            if i in manual:
+                new_use[i] = True
+                continue
+            m = _work_mask_from_prob(probs[i], inners[i], cfg)
+            nh, nw = inners[i]
+            pq[i], _ = mask_quality(m[:nh, :nw])
+            conf[i] = confidence(probs[i, :nh, :nw])
+            ok = pq[i] >= cfg.pseudo_label_min_quality and conf[i] >= cfg.pseudo_label_min_confidence
+            if ok:
+                new_labels[i] = m
+                new_use[i] = True
+            elif use[i] and cq[i] >= pq[i]:  # keep the earlier label when the network did worse
+                new_use[i] = True
+        labels, use = new_labels, new_use
+        auto = [i for i in range(n) if i not in manual]
+        rounds.append({"round": r, "source": "self_training", "manual": len(manual), "kept": int(use.sum()),
+                       "of": int(n), "quality": _summary(pq[auto]), "confidence": _summary(conf[auto])})
+        log.info("self-training round %d: kept %d of %d, mean quality %.3f", r, use.sum(), n,
+                 float(pq[auto].mean()) if auto else 1.0)
+        if not use.any():
+            use[:] = True
+        losses = train_unet(model, images[use], labels[use], int(cfg.epochs_per_round), cfg, device, seed + r)
+        rounds[-1]["train_losses"] = [round(x, 4) for x in losses]
+        rounds[-1]["seconds"] = round(time.perf_counter() - t1, 1)
+    return Bootstrap(model, rounds, cq)
+
+
+# ----------------------------------------------------------------------------------------- API for other stages
+def load_unet(model_dir: Path, cfg, device) -> torch.nn.Module:
+    """The trained U-Net from `model_dir` (state dict, weights_only), in eval mode."""
+    from boneage.errors import StageInputError
+
+    path = Path(model_dir) / MODEL_FILE
+    if not path.exists():
+        raise StageInputError(f"{path}: no trained U-Net; run stage 01_segment first")
+    model = build_unet(_no_weights(cfg))
+    model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    return model.to(device).eval()
+
+
+def _no_weights(cfg):
+    import copy
+
+    c = copy.copy(cfg)
+    c.weights_path = ""
+    return c
+
+
+def predict_mask(model: torch.nn.Module, image: np.ndarray, cfg, device) -> np.ndarray:
+    """One uint8 radiograph -> post-processed bool mask at the radiograph's size."""
+    return predict_masks(model, [image], cfg, device)[0]
+
+
+def predict_masks(model: torch.nn.Module, images: list[np.ndarray], cfg, device) -> list[np.ndarray]:
+    """Radiographs (uint8, any sizes) -> post-processed bool masks at their own sizes, batched.
+
+    Polarity: a radiograph whose polarity score is negative (possibly inverted) or whose mask
+    scores below `polarity_retry_quality` (default 0: off, because on real radiographs the retry
+    picked background blobs) is predicted a second time inverted, and the inverted mask wins only
+    when clearly more hand-like (`mask_quality` + 0.2); the network is trained on both polarities.
+    """
+    if not images:
+        return []
+    s = int(cfg.work_size_px)
+    bs = max(1, int(getattr(cfg, "predict_batch_size", 16)))
+    works = [to_work(img, s) for img in images]
+    probs = predict_probs(model, np.stack([w.image for w in works]), device, bs)
+    masks = [prob_to_mask(p, w.inner, w.size, cfg) for p, w in zip(probs, works)]
+    retry_q = float(getattr(cfg, "polarity_retry_quality", 0.8))
+    quals = [mask_quality(m)[0] for m in masks]
+    redo = [k for k, img in enumerate(images) if quals[k] < retry_q or polarity_score(img) < 0.0]
+    if redo:
+        flipped = []
+        for k in redo:
+            w = works[k].image.copy()
+            nh, nw = works[k].inner
+            w[:nh, :nw] = 255 - w[:nh, :nw]
+            flipped.append(w)
+        probs2 = predict_probs(model, np.stack(flipped), device, bs)
+        for k, p in zip(redo, probs2):
+            m2 = prob_to_mask(p, works[k].inner, works[k].size, cfg)
+            q2 = mask_quality(m2)[0]
+            if q2 > quals[k] + 0.2:  # clearly more hand-like: quality alone also likes background blobs
+                masks[k], quals[k] = m2, q2
+    return masks
+
+
+def save_unet(model: torch.nn.Module, model_dir: Path) -> Path:
+    import io
+
+    from boneage.fileio import _atomic_bytes
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    path = Path(model_dir) / MODEL_FILE
+    _atomic_bytes(path, buf.getvalue())
+    return path

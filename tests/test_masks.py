@@ -1,0 +1,179 @@
+"""Classical masks, quality, post-processing, polarity and stage-2 cleaning on constructed shapes."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from boneage.config import CleanConfig
+from boneage.masks import (
+    classical_mask,
+    clean_radiograph,
+    detect_inverted,
+    equalise,
+    fill_holes,
+    mask_quality,
+    postprocess_mask,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RSNA = REPO_ROOT.parent / "shared" / "data" / "rsna-half"
+
+
+def hand_mask(h: int = 320, w: int = 256) -> np.ndarray:
+    """A hand-like silhouette: forearm from the bottom edge, palm, four fingers and a thumb."""
+    m = np.zeros((h, w), np.uint8)
+    cv2.rectangle(m, (100, 230), (160, h - 1), 1, -1)  # forearm, cut by the bottom edge
+    cv2.ellipse(m, (130, 190), (55, 50), 0, 0, 360, 1, -1)  # palm
+    for x, top in ((88, 60), (116, 40), (144, 45), (170, 75)):  # fingers
+        cv2.rectangle(m, (x - 8, top), (x + 8, 170), 1, -1)
+        cv2.circle(m, (x, top), 8, 1, -1)
+    cv2.line(m, (80, 200), (40, 130), 1, 16)  # thumb
+    return m > 0
+
+
+def radiograph(mask: np.ndarray, seed: int = 0, letters: bool = True, band: bool = True) -> np.ndarray:
+    """Dark background, soft tissue, bright 'bones' inside, noise; a burned-in letter and a bright band."""
+    rng = np.random.default_rng(seed)
+    img = np.full(mask.shape, 30.0)
+    img[mask] = 110.0
+    inner = cv2.erode(mask.astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+    bones = np.zeros(mask.shape, np.uint8)
+    for x in (88, 116, 144, 170):
+        cv2.line(bones, (x, 70), (x, 230), 1, 4)
+    cv2.line(bones, (120, 230), (120, 319), 1, 8)
+    img[(bones > 0) & inner] = 190.0
+    img += rng.normal(0, 4, mask.shape)
+    if letters:
+        cv2.putText(img, "L", (200, 300), cv2.FONT_HERSHEY_SIMPLEX, 1.0, 235, 3)
+        cv2.putText(img, "R2", (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.8, 235, 2)
+    if band:
+        img[:, -10:] = 250.0  # unexposed film outside the collimation
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def test_quality_hand_vs_implausible_shapes():
+    q, flag = mask_quality(hand_mask())
+    assert q > 0.8 and flag == ""
+    assert mask_quality(np.zeros((100, 80), bool)) == (0.0, "empty")
+    rect = np.zeros((320, 256), bool)
+    rect[20:300, 20:236] = True  # a collimation field, not a hand
+    q_rect, flag_rect = mask_quality(rect)
+    assert q_rect < 0.3 and flag_rect.startswith("low_quality")
+    everything = np.ones((320, 256), bool)
+    q_all, flag_all = mask_quality(everything)
+    assert q_all < 0.3 and flag_all
+    blob = np.zeros((320, 256), bool)
+    cv2.circle(blob.view(np.uint8), (128, 160), 5, 1, -1)
+    assert mask_quality(blob)[0] < 0.3
+
+
+def test_fill_holes_and_postprocess_drops_letters_and_bands():
+    hand = hand_mask()
+    noisy = hand.copy()
+    noisy[180:190, 120:135] = False  # a hole in the palm
+    letter = np.zeros_like(hand, np.uint8)
+    cv2.putText(letter, "L", (200, 300), cv2.FONT_HERSHEY_SIMPLEX, 1.0, 1, 3)
+    noisy |= letter > 0
+    noisy[:, -10:] = True  # a bright collimation band segmented with the hand
+    assert fill_holes(noisy)[185, 127]
+    out = postprocess_mask(noisy, smooth_sigma_frac=0.004)
+    assert iou(out, hand) > 0.97
+    assert not (out & (letter > 0)).any()
+    assert not out[:, -10:].any()
+    assert out[185, 127]
+
+
+def test_postprocess_empty_and_smoothing_keep_shape():
+    assert not postprocess_mask(np.zeros((50, 40), bool)).any()
+    jag = hand_mask()
+    rng = np.random.default_rng(1)
+    edge = (cv2.dilate(jag.astype(np.uint8), np.ones((3, 3))) > 0) & ~jag
+    jag = jag | (edge & (rng.random(jag.shape) < 0.5))
+    smooth = postprocess_mask(jag, smooth_sigma_frac=0.006)
+    assert iou(smooth, hand_mask()) > 0.95
+
+
+def test_classical_mask_on_synthetic_radiograph():
+    hand = hand_mask()
+    img = radiograph(hand)
+    m, q, flag = classical_mask(img)
+    assert m.shape == img.shape and m.dtype == bool
+    assert iou(m, hand) > 0.93, iou(m, hand)
+    assert q > 0.6 and flag == ""
+    letter = np.zeros_like(hand, np.uint8)
+    cv2.putText(letter, "L", (200, 300), cv2.FONT_HERSHEY_SIMPLEX, 1.0, 1, 3)
+    assert not (m & (letter > 0)).any()  # burned-in letters stay outside
+    assert not m[:, -10:].any()  # the bright band too
+    # an inverted radiograph is segmented as well
+    m_inv, _, _ = classical_mask(255 - img)
+    assert iou(m_inv, hand) > 0.9
+
+
+def test_detect_inverted_synthetic():
+    hand = hand_mask()
+    img = radiograph(hand)
+    assert not detect_inverted(img)
+    assert detect_inverted(255 - img)
+    assert not detect_inverted(img, hand)
+    assert detect_inverted(255 - img, hand)
+    plain = radiograph(hand, letters=False, band=False)
+    assert not detect_inverted(plain) and detect_inverted(255 - plain)
+
+
+def test_detect_inverted_real_radiographs():
+    if not RSNA.exists():
+        pytest.skip(f"real radiographs not found at {RSNA}")
+    for sid in ("1377", "1563", "1604", "1829"):
+        img = cv2.imread(str(RSNA / "images" / f"{sid}.jpg"), cv2.IMREAD_GRAYSCALE)
+        assert not detect_inverted(img), sid
+        assert detect_inverted(255 - img), sid
+
+
+def test_clean_radiograph_black_background_and_inversion():
+    hand = hand_mask()
+    img = radiograph(hand)
+    cfg = CleanConfig()
+    noisy = hand.copy()
+    cv2.putText(noisy.view(np.uint8), "L", (200, 300), cv2.FONT_HERSHEY_SIMPLEX, 1.0, 1, 3)
+    clean, info = clean_radiograph(img, noisy, cfg)
+    assert clean.shape == img.shape and clean.dtype == np.uint8
+    assert info["flag"] == "" and info["inverted"] is False
+    assert (clean[~info["mask"]] == 0).all()
+    assert iou(info["mask"], hand) > 0.97
+    assert abs(info["kept_area_frac"] - hand.mean()) < 0.01
+    assert clean[info["mask"]].std() > img[hand].std()  # contrast equalised inside the hand
+    clean_inv, info_inv = clean_radiograph(255 - img, noisy, cfg)
+    assert info_inv["inverted"] is True
+    assert np.abs(clean_inv.astype(int) - clean.astype(int)).mean() < 3.0
+
+
+def test_clean_radiograph_empty_or_implausible_mask_never_crashes():
+    hand = hand_mask()
+    img = radiograph(hand)
+    cfg = CleanConfig()
+    for bad in (None, np.zeros(img.shape, bool), np.pad(np.ones((3, 3), bool), ((0, 317), (0, 253)))):
+        clean, info = clean_radiograph(img, bad, cfg)
+        assert clean.shape == img.shape
+        assert info["flag"] != ""
+        assert info["kept_area_frac"] == 1.0 and info["mask"].all()
+    field = np.zeros(img.shape, bool)
+    field[20:300, 20:236] = True  # a mask that swallowed the collimation field
+    clean, info = clean_radiograph(img, field, cfg)
+    assert info["flag"].startswith("implausible_mask") and info["mask"].all()
+    clean, info = clean_radiograph(255 - img, None, cfg)
+    assert info["inverted"] is True and info["flag"] == "empty_mask"
+    assert clean.mean() < 128  # turned right: dark background
+
+
+def test_equalise_inside_only():
+    hand = hand_mask()
+    img = radiograph(hand)
+    out = equalise(img, hand, 2.0, 8)
+    assert (out[~hand] == 0).all()
+    assert out[hand].mean() > 0

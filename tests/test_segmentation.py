@@ -1,0 +1,221 @@
+"""U-Net loss, working-resolution geometry, API, and the bootstrap from zero masks on phantoms."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from boneage.config import load_config
+from boneage.segmentation import (
+    bootstrap_unet,
+    build_unet,
+    load_unet,
+    mask_to_work,
+    predict_mask,
+    prob_to_mask,
+    save_unet,
+    segmentation_loss,
+    soft_jaccard,
+    to_work,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_cfg(**kw):
+    over = ["segment.work_size_px=64", "segment.encoder_depth=3", "segment.decoder_channels=[32,16,8]",
+            "segment.batch_size=4", "segment.dilate_frac=0.0"] + [f"segment.{k}={v}" for k, v in kw.items()]
+    return load_config(None, over).segment
+
+
+def test_loss_on_known_inputs():
+    y = torch.zeros(1, 1, 4, 4)
+    y[..., :2, :] = 1.0  # half the pixels
+    # p = 0.5 everywhere: BCE = ln 2, J = (n/4) / (n/2 + n/2 - n/4) = 1/3
+    half = torch.zeros_like(y)
+    assert soft_jaccard(half, y).item() == pytest.approx(1 / 3, abs=1e-5)
+    assert segmentation_loss(half, y).item() == pytest.approx(math.log(2) + math.log(3), abs=1e-4)
+    # a confident perfect prediction: J -> 1, loss -> 0
+    perfect = (y * 2 - 1) * 30
+    assert soft_jaccard(perfect, y).item() == pytest.approx(1.0, abs=1e-6)
+    assert segmentation_loss(perfect, y).item() == pytest.approx(0.0, abs=1e-5)
+    # confidently wrong: J close to 0 (never exactly, eps), loss large
+    assert soft_jaccard(-perfect, y).item() < 1e-6
+    assert segmentation_loss(-perfect, y).item() > 10
+    # p = sigmoid(1) on the positives, sigmoid(-1) on the negatives
+    p1 = 1 / (1 + math.exp(-1))
+    logits = (y * 2 - 1)
+    j = p1 / (2 - p1)  # sum y p = 8 p1, sum y = 8, sum p = 8 p1 + 8 (1 - p1) = 8
+    assert soft_jaccard(logits, y).item() == pytest.approx(j, abs=1e-5)
+    bce = -math.log(p1)
+    assert segmentation_loss(logits, y).item() == pytest.approx(bce - math.log(j), abs=1e-4)
+
+
+def test_unet_shape_batchnorm_and_local_weights(tmp_path):
+    cfg = small_cfg()
+    model = build_unet(cfg)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, 64, 64))
+    assert out.shape == (2, 1, 64, 64)
+    # start from a local state dict
+    w = tmp_path / "w.pt"
+    torch.save(model.state_dict(), w)
+    other = build_unet(small_cfg(weights_path=str(w)))
+    for a, b in zip(model.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_work_geometry_round_trip():
+    mask = np.zeros((300, 200), bool)
+    cv2.ellipse(mask.view(np.uint8), (100, 160), (60, 110), 0, 0, 360, 1, -1)
+    wi = to_work((mask * 200).astype(np.uint8), 128)
+    assert wi.image.shape == (128, 128) and wi.size == (300, 200) and wi.inner == (128, 85)
+    assert (wi.image[:, 85:] == 0).all()
+    sq = mask_to_work(mask, 128)
+    back = prob_to_mask(sq.astype(np.float32), wi.inner, wi.size, small_cfg())
+    assert back.shape == mask.shape
+    assert (back & mask).sum() / (back | mask).sum() > 0.97
+
+
+def test_load_unet_and_predict_mask_api(tmp_path):
+    cfg = small_cfg()
+    torch.manual_seed(0)
+    save_unet(build_unet(cfg), tmp_path)
+    model = load_unet(tmp_path, cfg, torch.device("cpu"))
+    assert not model.training
+    img = np.random.default_rng(0).integers(0, 255, (90, 70), dtype=np.uint8)
+    m = predict_mask(model, img, cfg, torch.device("cpu"))
+    assert m.shape == (90, 70) and m.dtype == bool
+
+
+def test_load_unet_missing_raises_stage_error(tmp_path):
+    from boneage.errors import StageInputError
+
+    with pytest.raises(StageInputError):
+        load_unet(tmp_path, small_cfg(), torch.device("cpu"))
+
+
+def _phantom_set(n, px, seed=3):
+    from boneage.phantom import PhantomConfig, make_phantom
+
+    pc = PhantomConfig(long_side_px=px)
+    return [make_phantom(pc, seed, i) for i in range(n)]
+
+
+def test_classical_pseudo_labels_on_phantoms():
+    """The first guess that seeds the bootstrap: most phantoms get a usable label, scored honestly."""
+    pytest.importorskip("boneage.phantom")
+    from boneage.masks import classical_mask
+
+    ious, quals = [], []
+    for s in _phantom_set(16, 256):
+        m, q, _ = classical_mask(s.image)
+        gt = s.mask > 127
+        ious.append((m & gt).sum() / max((m | gt).sum(), 1))
+        quals.append(q)
+    ious, quals = np.array(ious), np.array(quals)
+    assert np.median(ious) > 0.8, ious
+    # the quality score ranks: labels it keeps are better than those it rejects
+    keep = quals >= 0.6
+    assert keep.sum() >= 10
+    if (~keep).any():
+        assert ious[keep].mean() > ious[~keep].mean()
+
+
+@pytest.mark.skipif(not os.environ.get("BONEAGE_SLOW_TESTS"),
+                    reason="U-Net bootstrap on phantoms takes minutes on a loaded 2-core machine; "
+                           "set BONEAGE_SLOW_TESTS=1 (figures in bench/notes/segmentation.md)")
+def test_bootstrap_on_phantoms_from_zero_masks():
+    """Classical pseudo-labels -> U-Net -> one self-training round, no manual mask, small profile."""
+    pytest.importorskip("boneage.phantom")
+    torch.set_num_threads(2)
+    samples = _phantom_set(16, 128)
+    cfg = small_cfg(work_size_px=128, epochs=30, epochs_per_round=5, self_training_rounds=1, batch_size=8,
+                    lr=3e-3, decoder_channels="[16,8,8]")
+    works = [to_work(s.image, 128) for s in samples]
+    stack = np.stack([w.image for w in works])
+    boot = bootstrap_unet(stack, [w.inner for w in works], {}, cfg, torch.device("cpu"), seed=0)
+    assert [r["round"] for r in boot.rounds] == [0, 1]
+    assert boot.rounds[0]["kept"] > 0 and "quality" in boot.rounds[1]
+    ious = []
+    for s in samples:  # stage 1 predicts for its training radiographs too; no label was ever seen
+        m = predict_mask(boot.model, s.image, cfg, torch.device("cpu"))
+        gt = s.mask > 127
+        ious.append((m & gt).sum() / max((m | gt).sum(), 1))
+    assert np.median(ious) > PHANTOM_SMALL_IOU, ious
+
+
+PHANTOM_SMALL_IOU = 0.75  # small profile (16 phantoms at 128 px); far below the 0.97 bar, see bench notes
+
+
+def test_stages_01_02_end_to_end(tmp_path):
+    """Tiny phantom data set through stages 0-2: files, columns, resume, an inverted radiograph."""
+    pytest.importorskip("boneage.demo_data")
+    sets = ["--set", f"input_dir={tmp_path}/input", "--set", f"work_dir={tmp_path}/work", "--set", "demo.n_train=6",
+            "--set", "demo.n_test=3", "--set", "phantom.long_side_px=128", "--set", "segment.work_size_px=32",
+            "--set", "segment.encoder_depth=3", "--set", "segment.decoder_channels=[16,8,8]",
+            "--set", "segment.epochs=1", "--set", "segment.epochs_per_round=1", "--set", "threads=2"]
+
+    def run(script, *extra):
+        r = subprocess.run([sys.executable, str(REPO_ROOT / "src" / script), "--config", "configs/smoke.yaml",
+                            *sets, *extra], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r
+
+    run("00_make_demo_data.py")
+    # make one test radiograph inverted: stage 1 must still segment it, stage 2 must turn it right
+    test_dir = tmp_path / "input" / "boneage-test-dataset"
+    inv_path = sorted(test_dir.glob("*.png"))[0]
+    img = cv2.imread(str(inv_path), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(inv_path), 255 - img)
+    run("01_segment.py")
+    work = tmp_path / "work"
+    masks = pd.read_csv(work / "masks.csv", dtype={"id": str}, keep_default_na=False)
+    assert list(masks.columns) == ["id", "quality", "area_frac", "n_components", "flag"]
+    assert len(masks) == 9
+    assert (work / "models" / "unet" / "unet.pt").exists() and (work / "models" / "unet" / "rounds.json").exists()
+    assert (work / "qc" / "01_masks.png").exists()
+    for sid in masks.id:
+        m = cv2.imread(str(work / "masks" / f"{sid}.png"), cv2.IMREAD_GRAYSCALE)
+        assert set(np.unique(m)) <= {0, 255}
+    run("02_clean.py")
+    clean = pd.read_csv(work / "clean.csv", dtype={"id": str}, keep_default_na=False)
+    assert list(clean.columns) == ["id", "inverted", "kept_area_frac", "flag"]
+    assert len(clean) == 9 and (work / "qc" / "02_clean.png").exists()
+    inv_id = inv_path.stem
+    assert str(clean.set_index("id").loc[inv_id, "inverted"]) == "True"
+    # resume: nothing redone, same outputs; a deleted mask is redone
+    (work / "masks" / f"{inv_id}.png").unlink()
+    r = run("01_segment.py")
+    assert "1 of 9 radiographs need a mask" in r.stderr
+    assert (work / "masks" / f"{inv_id}.png").exists()
+
+
+class _BrightIsHand(torch.nn.Module):
+    """A stand-in network: 'hand' wherever the standardised input is bright (normal polarity only)."""
+
+    def forward(self, x):
+        return (x - 0.0) * 20.0
+
+
+def test_predict_mask_retries_inverted_radiographs():
+    from test_masks import hand_mask, radiograph
+
+    cfg = small_cfg(work_size_px=128)
+    hand = hand_mask()
+    img = radiograph(hand, letters=False, band=False)
+    model = _BrightIsHand()
+    normal = predict_mask(model, img, cfg, torch.device("cpu"))
+    inverted = predict_mask(model, 255 - img, cfg, torch.device("cpu"))
+    for m in (normal, inverted):
+        assert m.shape == hand.shape
+        assert (m & hand).sum() / (m | hand).sum() > 0.85

@@ -1,0 +1,189 @@
+"""Stage 6 training: oof files, fold discipline, resume after a kill, skipping finished folds,
+eval mode at inference, state dicts loaded without pickle, errors naming the missing file."""
+
+import json
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from boneage.config import load_config
+from boneage.errors import ConfigError, StageInputError
+from boneage.training import (
+    list_model_specs,
+    load_fold_models,
+    load_state,
+    predict_batch,
+    predict_crop,
+    read_folds,
+    train_all,
+)
+
+torch.set_num_threads(1)  # tiny models: one thread is fastest
+
+N_TRAIN, N_TEST, N_HOLD = 20, 4, 4
+SIZES = {"A": [40, 32], "B": [32, 32], "C": [24, 40]}
+
+
+def make_work(tmp_path, regions=("A",)):
+    """A tiny fake run: random crops whose brightness grows with age, labels, test list, folds.csv."""
+    rng = np.random.default_rng(0)
+    ids = [f"t{i:03d}" for i in range(N_TRAIN + N_HOLD)]
+    train = pd.DataFrame({"id": ids, "male": [i % 2 == 0 for i in range(len(ids))],
+                          "boneage": rng.uniform(20, 220, len(ids)).round(1)})
+    test = pd.DataFrame({"id": [f"x{i}" for i in range(N_TEST)], "male": [True, False, True, False]})
+    fold = [(i // 2) % 2 for i in range(N_TRAIN)] + [-1] * N_HOLD
+    folds = pd.DataFrame({"id": ids, "fold": fold, "holdout": [f < 0 for f in fold]})
+    work = tmp_path / "work"
+    ages = dict(zip(train["id"], train["boneage"]))
+    for region in regions:
+        h, w = SIZES[region]
+        for i in ids + list(test["id"]):
+            level = ages.get(i, 120.0) / 240.0 * 200
+            img = np.clip(rng.normal(level, 20, (h, w)), 0, 255).astype(np.uint8)
+            (work / "crops" / region).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(work / "crops" / region / f"{i}.png"), img)
+    (tmp_path / "folds").mkdir()
+    folds.to_csv(tmp_path / "folds" / "folds.csv", index=False)
+    return train, test, folds
+
+
+def make_cfg(tmp_path, *extra):
+    sizes = "{" + ", ".join(f"{k}: [{v[0]}, {v[1]}]" for k, v in SIZES.items()) + "}"
+    return load_config("configs/smoke.yaml", [
+        f"work_dir={tmp_path / 'work'}", f"oof_dir={tmp_path / 'oof'}", f"folds_dir={tmp_path / 'folds'}",
+        f"register.crop_sizes={sizes}", "device=cpu", "train.regions=[A]", "train.heads=[reg]",
+        "train.sex_modes=[sex_input]", "train.epochs=1", "train.batch_size=4", "train.vgg_width=0.125",
+        "train.vgg_fc=16", "train.num_workers=0", *extra])
+
+
+def test_model_names_and_filter(tmp_path):
+    cfg = make_cfg(tmp_path, "train.regions=[A, C]", "train.heads=[reg, cls]",
+                   "train.sex_modes=[female, sex_input]", "train.backbones=[vgg, resnet18]")
+    names = [s.name for s in list_model_specs(cfg)]
+    assert len(names) == 16 and "cls_C_female_vgg" in names and "reg_A_sex_input_resnet18" in names
+    spec = next(s for s in list_model_specs(cfg) if s.name == "cls_C_female_vgg")
+    assert (spec.head, spec.region, spec.sex_mode, spec.backbone) == ("cls", "C", "female", "vgg")
+    cfg.train.only_models = ["reg_A_female_vgg"]
+    assert [s.name for s in list_model_specs(cfg)] == ["reg_A_female_vgg"]
+    cfg.train.only_models = ["reg_Z_female_vgg"]
+    with pytest.raises(ConfigError, match="reg_Z_female_vgg"):
+        list_model_specs(cfg)
+
+
+def test_oof_files_and_fold_discipline(tmp_path):
+    train, test, folds = make_work(tmp_path, regions=("A", "C"))
+    cfg = make_cfg(tmp_path, "train.regions=[A, C]", "train.heads=[reg, cls]", "train.epochs=2")
+    done = train_all(cfg, train, test, read_folds(cfg))
+    assert sorted(done) == ["cls_A_sex_input_vgg", "cls_C_sex_input_vgg", "reg_A_sex_input_vgg", "reg_C_sex_input_vgg"]
+    hold_ids = set(folds.loc[folds["holdout"], "id"])
+    for name in done:
+        head = name.split("_")[0]
+        oof = pd.read_csv(cfg.oof_path / f"{name}.csv", dtype={"id": str})
+        assert list(oof.columns) == ["id", "fold", "sex", "boneage", "pred"]
+        assert sorted(oof["id"]) == sorted(folds.loc[~folds["holdout"], "id"])  # every training id once
+        assert set(oof["sex"]) == {"F", "M"} and oof["pred"].notna().all()
+        assert (oof.set_index("id")["fold"] == folds.set_index("id").loc[oof["id"], "fold"]).all()
+        for k in (0, 1):
+            seen = set((cfg.work_path / "models" / name / f"fold{k}" / "train_ids.txt").read_text().split())
+            assert not seen & set(oof.loc[oof["fold"] == k, "id"])  # never predicted by a model that saw it
+            assert not seen & hold_ids  # hold-out rows are never trained on
+            assert seen == set(folds.loc[(folds["fold"] >= 0) & (folds["fold"] != k), "id"])
+            lines = (cfg.work_path / "models" / name / f"fold{k}" / "metrics.jsonl").read_text().splitlines()
+            assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+            assert not (cfg.work_path / "models" / name / f"fold{k}" / "last.pt").exists()
+        t = pd.read_csv(cfg.oof_path / f"{name}.test.csv", dtype={"id": str})
+        cols = ["id", "sex", "pred", "pred_std"] + (["pred_width"] if head == "cls" else [])
+        assert list(t.columns) == cols and list(t["id"]) == list(test["id"])
+        assert (t["pred_std"] >= 0).all() and t["pred"].notna().all()
+        h = pd.read_csv(cfg.oof_path / f"{name}.holdout.csv", dtype={"id": str})
+        assert set(h["id"]) == hold_ids and "boneage" in h.columns
+        if head == "cls":
+            assert ((t["pred"] >= 1) & (t["pred"] <= 240)).all() and (t["pred_width"] > 0).all()
+
+
+def test_sex_specific_models_see_one_sex(tmp_path):
+    train, test, folds = make_work(tmp_path)
+    cfg = make_cfg(tmp_path, "train.sex_modes=[female]")
+    assert train_all(cfg, train, test, read_folds(cfg)) == ["reg_A_female_vgg"]
+    oof = pd.read_csv(cfg.oof_path / "reg_A_female_vgg.csv", dtype={"id": str})
+    females = set(train.loc[~train["male"], "id"]) - set(folds.loc[folds["holdout"], "id"])
+    assert set(oof["id"]) == females and set(oof["sex"]) == {"F"}
+    seen = (cfg.work_path / "models" / "reg_A_female_vgg" / "fold0" / "train_ids.txt").read_text().split()
+    assert set(seen) <= set(train.loc[~train["male"], "id"])
+    assert set(pd.read_csv(cfg.oof_path / "reg_A_female_vgg.test.csv")["sex"]) == {"F"}
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_resume_after_kill_and_skip_finished(tmp_path):
+    train, test, _ = make_work(tmp_path)
+    cfg = make_cfg(tmp_path, "train.epochs=3", "train.batch_size=2")  # 5 steps per epoch
+    fold_dir = cfg.work_path / "models" / "reg_A_sex_input_vgg" / "fold0"
+
+    def kill_after_epoch_1(spec, fold, epoch):
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_all(cfg, train, test, read_folds(cfg), hooks={"after_epoch": kill_after_epoch_1})
+    state = load_state(fold_dir / "last.pt", "cpu")  # weights_only: no pickled objects in the checkpoint
+    assert state["epoch"] == 1 and {"model", "optimizer", "scheduler"} <= set(state)
+    assert not (fold_dir / "done.json").exists()
+
+    seen = []
+    train_all(cfg, train, test, read_folds(cfg), hooks={"after_epoch": lambda s, f, e: seen.append((f, e))})
+    assert seen[:2] == [(0, 2), (0, 3)]  # fold 0 continued from epoch 2
+    assert seen[2:] == [(1, 1), (1, 2), (1, 3)]
+    epochs = [json.loads(x)["epoch"] for x in (fold_dir / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+    # optimizer and scheduler resumed too: the learning rates match those of fold 1, never interrupted
+    lrs = [[json.loads(x)["lr"] for x in (fold_dir.parent / f"fold{k}" / "metrics.jsonl").read_text().splitlines()]
+           for k in (0, 1)]
+    assert lrs[0] == pytest.approx(lrs[1]) and lrs[0][0] > lrs[0][1] > lrs[0][2]
+
+    best_mtime = (fold_dir / "best.pt").stat().st_mtime_ns
+    seen.clear()
+    assert train_all(cfg, train, test, read_folds(cfg), hooks={"after_epoch": lambda s, f, e: seen.append(e)})
+    assert seen == [] and (fold_dir / "best.pt").stat().st_mtime_ns == best_mtime  # finished folds skipped
+
+
+def test_inference_in_eval_mode_without_pickle(tmp_path):
+    train, test, _ = make_work(tmp_path)
+    cfg = make_cfg(tmp_path, "train.heads=[cls]", "train.dropout=0.5", "train.tta=true")
+    train_all(cfg, train, test, read_folds(cfg))
+    spec = list_model_specs(cfg)[0]
+    for p in (cfg.work_path / "models" / spec.name).glob("fold*/best.pt"):
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        assert all(isinstance(v, torch.Tensor) for v in state.values())
+    models = load_fold_models(cfg.work_path, spec, cfg, "cpu")
+    assert len(models) == 2 and not any(m.training for m in models)
+    crop = cv2.imread(str(cfg.work_path / "crops" / "A" / "x0.png"), cv2.IMREAD_GRAYSCALE)
+    for m in models:
+        m.train()  # whatever mode a caller left it in, inference runs in eval mode
+    r1 = predict_crop(models, crop, True, spec, cfg, "cpu")
+    r2 = predict_crop(models, crop, True, spec, cfg, "cpu")
+    assert not any(m.training for m in models)
+    assert r1 == r2 and 1 <= r1["pred"] <= 240 and r1["pred_std"] >= 0 and r1["pred_width"] > 0
+    # the same crop at another size is resized to the region's size first
+    big = cv2.resize(crop, (64, 80))
+    assert predict_crop(models, big, True, spec, cfg, "cpu")["pred"] == pytest.approx(r1["pred"], abs=10)
+    x = torch.rand(2, 1, 40, 32)
+    a, _ = predict_batch(models[0].train(), x, torch.ones(2), "cls", cfg.train, torch.device("cpu"))
+    b, _ = predict_batch(models[0].train(), x, torch.ones(2), "cls", cfg.train, torch.device("cpu"))
+    assert np.array_equal(a, b)
+
+
+def test_missing_inputs_name_the_file(tmp_path):
+    train, test, _ = make_work(tmp_path)
+    cfg = make_cfg(tmp_path)
+    (cfg.work_path / "crops" / "A" / "t003.png").unlink()
+    with pytest.raises(StageInputError, match="t003.png"):
+        train_all(cfg, train, test, read_folds(cfg))
+    (cfg.folds_path / "folds.csv").unlink()
+    with pytest.raises(StageInputError, match="folds.csv"):
+        read_folds(cfg)
