@@ -187,3 +187,17 @@ def test_missing_inputs_name_the_file(tmp_path):
     (cfg.folds_path / "folds.csv").unlink()
     with pytest.raises(StageInputError, match="folds.csv"):
         read_folds(cfg)
+
+
+def test_changed_folds_refuse_to_reuse_a_trained_fold(tmp_path):
+    train, test, folds = make_work(tmp_path)
+    cfg = make_cfg(tmp_path)
+    train_all(cfg, train, test, read_folds(cfg))
+    # folds.csv changes after training (another seed, say): reusing fold 0 would leak its predictions
+    changed = folds.copy()
+    changed.loc[changed["fold"] >= 0, "fold"] = 1 - changed.loc[changed["fold"] >= 0, "fold"]
+    changed.loc[0, "fold"] = 1 - changed.loc[0, "fold"]
+    changed.to_csv(tmp_path / "folds" / "folds.csv", index=False)
+    with pytest.raises(StageInputError, match="different split.*--force"):
+        train_all(cfg, train, test, read_folds(cfg))
+    assert train_all(cfg, train, test, read_folds(cfg), force=True)

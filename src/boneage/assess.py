@@ -13,9 +13,9 @@ Where the trained models and the blend are found (`load_models(models_dir, ...)`
   machine is a copy of `work/models/` plus `submissions/blend.json` put next to it. Without any blend.json
   the estimate is the equal-weight mean of the models and the result says so (`blend.kind`).
 
-Input normalisation (`normalise_input`, `predict.normalise_input`): before segmentation the radiograph is
-turned to normal polarity and its grey levels stretched to span 0..255, so that inversion, brightness and linear
-contrast changes do not reach the U-Net (the clean step then equalises inside the hand as in stage 2).
+Input normalisation (`normalise_input`, `predict.normalise_input`): the radiograph is turned to normal polarity
+and its grey levels stretched to span 0..255 before any network, so that inversion, brightness and linear
+contrast changes do not reach the networks (then the clean step equalises inside the hand as in stage 2).
 
 Self-check: `quality_score(qc, cfg) -> (score 0..1, reasons)`, reusable on any dict of the `qc` fields
 below (stage 7 can call it on stored rows). Three layers:
@@ -453,23 +453,31 @@ def _segment(models: LoadedModels, image: np.ndarray, cfg) -> tuple[np.ndarray, 
     return mask, mask
 
 
-def normalise_input(image: np.ndarray, cfg) -> tuple[np.ndarray, dict]:
-    """The radiograph as every network should see it, whatever the film, scanner or export did: normal polarity
-    (dark background; `boneage.masks.normal_polarity`) and grey levels stretched so that the 0.5th..99.5th
-    percentiles span 0..255 (undoes a brightness offset and a linear contrast change). `predict.normalise_input`
-    off: unchanged."""
-    if not getattr(cfg.predict, "normalise_input", False):
-        return image, {}
+def normalise_input(image: np.ndarray, cfg, polarity: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(radiograph for the clean step, radiograph for the U-Net, info), by `predict.normalise_input`:
+
+    - "stretch" (default): both in normal polarity (dark background; `boneage.masks.normal_polarity`, before
+      anything else as method.md asks) with grey levels stretched so that the 0.5th..99.5th percentiles span
+      0..255: a brightness offset, a linear contrast change and an inversion are undone before any network.
+    - "segment": the same for the U-Net; the clean step gets the polarity-corrected, unstretched radiograph, as
+      stage 2 made the training crops (stage 2 does not stretch; see bench/notes/robustness.md).
+    - "off": both unchanged.
+    `polarity=False`: keep the polarity as given."""
+    mode = str(getattr(cfg.predict, "normalise_input", "off")).lower()
+    if mode in ("off", "false", "0", "none", ""):
+        return image, image, {}
     masks = _mod("masks")
     inverted = False
-    if hasattr(masks, "normal_polarity"):
+    if polarity and hasattr(masks, "normal_polarity"):
         image, inverted = masks.normal_polarity(image)
     a = image[:: max(1, image.shape[0] // 512), :: max(1, image.shape[1] // 512)]
     lo, hi = (float(v) for v in np.percentile(a, [0.5, 99.5]))
+    stretched = image
     if hi - lo >= cfg.predict.min_dynamic_range and (lo > 0 or hi < 255):
         lut = np.clip((np.arange(256, dtype=np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8)
-        image = lut[image]
-    return image, {"input_inverted": bool(inverted), "input_range": [round(lo, 1), round(hi, 1)]}
+        stretched = lut[image]
+    info = {"input_inverted": bool(inverted), "input_range": [round(lo, 1), round(hi, 1)]}
+    return (image if mode == "segment" else stretched), stretched, info
 
 
 def _reject_early(result: dict, qc: dict, reasons: list[str], t: dict, chronological_age_months) -> dict:
@@ -505,16 +513,27 @@ def assess_image_full(image: np.ndarray, male: bool, models: LoadedModels, cfg, 
     if hard:  # nothing to read: no network is run
         return _reject_early(result, {**img_qc, "flags": []}, hard, t, chronological_age_months), arrays
     t0 = time.perf_counter()
-    image, norm = normalise_input(image, cfg)
+    image, seg_image, norm = normalise_input(image, cfg)
     arrays["image"] = image
     t["normalise"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    raw_mask, mask = _segment(models, image, cfg)
+    raw_mask, mask = _segment(models, seg_image, cfg)
     t["segment"] = time.perf_counter() - t0
+    arrays["mask"] = mask
+    flags = []
+    if norm.get("input_inverted") and float(mask.mean()) < cfg.predict.min_hand_area_frac:
+        # the polarity guess before segmentation (classical, no network) can be wrong: a second look as read
+        alt, alt_seg, alt_norm = normalise_input(255 - image, cfg, polarity=False)
+        alt_raw, alt_mask = _segment(models, alt_seg, cfg)
+        if alt_mask.mean() > mask.mean():
+            image, raw_mask, mask = alt, alt_raw, alt_mask
+            norm = {**alt_norm, "input_inverted": False}
+            arrays["image"] = image
+            flags.append("polarity: kept as read (no hand found after inverting it)")
+        t["segment"] = time.perf_counter() - t0
     arrays["mask"] = mask
     mask_q, mask_flag = masks.mask_quality(mask)
     area = float(mask.mean()) if mask.size else 0.0
-    flags = []
     if mask_flag:
         flags.append(f"mask: {mask_flag}")
     if area < cfg.predict.min_hand_area_frac:

@@ -215,9 +215,11 @@ class PredictConfig:
     residual_scale_frac: float = 0.25  # registration part exp(-(thumb residual - ok) / (full canvas height * this))
     residual_ok_frac: float = 0.1  # thumb residual up to this share of the canvas height: registration part 1
     mask_method_quality: float = 0.6  # registration quality part when it fell back to the mask
-    # before segmentation: polarity turned to normal (masks.normal_polarity) and grey levels stretched so that
-    # the 0.5th..99.5th percentiles span 0..255: brightness / contrast / inversion no longer reach the U-Net
-    normalise_input: bool = True
+    # input normalisation (boneage.assess.normalise_input): polarity turned to normal (masks.normal_polarity) and
+    # grey levels stretched so that the 0.5th..99.5th percentiles span 0..255. "stretch": every step sees the
+    # stretched image; "segment": only the U-Net does (the clean step gets the unstretched one, as stage 2 made
+    # the training crops); "off": neither
+    normalise_input: str = "stretch"
     # self-check (boneage.assess.quality_score): image-level checks before any network
     max_colourfulness: float = 15.0  # Hasler-Suesstrunk colourfulness of the file; above: a colour photograph
     min_dynamic_range: float = 24.0  # grey levels between the 0.5th and 99.5th percentile; below: blank/saturated

@@ -208,7 +208,7 @@ def _autocast(device: torch.device, tcfg):
 
 def _to_device(x: torch.Tensor, device: torch.device, tcfg) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
-    if tcfg.channels_last and device.type == "cuda":
+    if tcfg.channels_last:  # on CUDA and on the CPU alike (about 2x faster convolutions on 2 cores)
         x = x.contiguous(memory_format=torch.channels_last)
     return x
 
@@ -376,7 +376,7 @@ def train_fold(spec: ModelSpec, cfg, fold: int, train_rows: pd.DataFrame, val_ro
     np.random.seed(cfg.seed * 1000 + fold)
 
     model = build_spec_model(spec, cfg).to(device)
-    if tcfg.channels_last and device.type == "cuda":
+    if tcfg.channels_last:  # on CUDA and on the CPU alike (about 2x faster convolutions on 2 cores)
         model = model.to(memory_format=torch.channels_last)
     train_ds = _dataset(train_rows, hw, build_train_transform(tcfg))
     val_ds = _dataset(val_rows, hw)
@@ -517,11 +517,12 @@ def train_model(spec: ModelSpec, cfg, labelled: pd.DataFrame, test_df: pd.DataFr
         if force and ctx.is_main and fold_dir.exists():
             shutil.rmtree(fold_dir)
         ctx.barrier()
+        train_rows = lab[(lab["fold"] >= 0) & (lab["fold"] != k)]
+        val_rows = lab[lab["fold"] == k]
+        _check_same_split(fold_dir, train_rows["id"])
         if (fold_dir / "done.json").exists():
             log.info("%s fold %d: done, skipped", spec.name, k)
             continue
-        train_rows = lab[(lab["fold"] >= 0) & (lab["fold"] != k)]
-        val_rows = lab[lab["fold"] == k]
         if len(train_rows) == 0:
             raise StageInputError(f"{spec.name} fold {k}: no training radiographs (sex mode {spec.sex_mode}); "
                                   "check folds.csv and the labels")
@@ -535,6 +536,18 @@ def train_model(spec: ModelSpec, cfg, labelled: pd.DataFrame, test_df: pd.DataFr
         assemble_oof(spec, cfg, lab, test, folds)
     ctx.barrier()
     return True
+
+
+def _check_same_split(fold_dir: Path, train_ids: pd.Series) -> None:
+    """Refuse to resume or reuse a fold trained on other radiographs (folds.csv changed since): its
+    out-of-fold predictions would leak. The user decides with --force, which retrains the fold."""
+    record = fold_dir / "train_ids.txt"
+    if not record.exists():
+        return
+    before = set(record.read_text().split())
+    if before != set(map(str, train_ids)):
+        raise StageInputError(f"{fold_dir}: this fold was trained on a different split ({len(before)} ids) than "
+                              f"folds.csv now gives ({len(train_ids)} ids); rerun stage 6 with --force to retrain")
 
 
 def _frame_of(rows: pd.DataFrame, cfg, spec: ModelSpec) -> pd.DataFrame:
