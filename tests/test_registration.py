@@ -123,7 +123,13 @@ def test_mask_alignment_puts_fingers_up():
         assert ys.min() < 0.15 * H
         top_rows = canvas[: H // 3] > 0
         assert top_rows.sum() < (canvas[H // 3:] > 0).sum()
-        assert info["mirrored"] is False
+        # flipping the image upside down is a reflection: the fallback must undo it with a mirror
+        assert info["mirrored"] is (not up)
+        # the thumb (the extra mass beside the palm) ends on the canvas' right, as for a left hand
+        mid = canvas[H // 3: 2 * H // 3] > 0
+        cols = np.nonzero(mid)[1]
+        forearm_centre = np.median(np.nonzero(canvas[int(0.9 * H):] > 0)[1])
+        assert (cols > forearm_centre).sum() > (cols < forearm_centre).sum()
 
 
 def test_register_falls_back_to_the_mask_and_flags(tmp_path):

@@ -154,19 +154,24 @@ def mask_alignment(mask: np.ndarray, cfg) -> tuple[np.ndarray, dict]:
     a = (P - mu) @ e1
     lo, hi = np.percentile(a, [0.5, 99.5])
     h, w = m.shape
-    # which end carries the fingers: less area in the last 15 % of the extent, and no image border
+    # which end carries the fingers: rows across the hand near that end cross several fingers
+    # (runs of mask), rows near the forearm end cross one; the older area/border rule breaks ties
     ext = hi - lo
-    area_hi = np.mean(a > hi - 0.15 * ext)
-    area_lo = np.mean(a < lo + 0.15 * ext)
-    border = (P[:, 0] <= 1) | (P[:, 1] <= 1) | (P[:, 0] >= w - 2) | (P[:, 1] >= h - 2)
-    b_hi = np.mean(border & (a > hi - 0.15 * ext))
-    b_lo = np.mean(border & (a < lo + 0.15 * ext))
-    score_hi = (area_lo - area_hi) + 5.0 * (b_lo - b_hi)  # > 0: the fingers are at the high end
-    f = e1 if score_hi >= 0 else -e1
-    # when the axis is nearly vertical and undecided, prefer fingers up
-    if abs(score_hi) < 0.01 and f[1] > 0:
-        f = -f
+    sign = _finger_end_sign(m, e1, mu)
+    if sign == 0:
+        area_hi = np.mean(a > hi - 0.15 * ext)
+        area_lo = np.mean(a < lo + 0.15 * ext)
+        border = (P[:, 0] <= 1) | (P[:, 1] <= 1) | (P[:, 0] >= w - 2) | (P[:, 1] >= h - 2)
+        b_hi = np.mean(border & (a > hi - 0.15 * ext))
+        b_lo = np.mean(border & (a < lo + 0.15 * ext))
+        sign = 1 if (area_lo - area_hi) + 5.0 * (b_lo - b_hi) >= 0 else -1
+    f = e1 * sign
     g = np.array([-f[1], f[0]])
+    # a left hand has its thumb on the canvas' right (+g); the thumb's side of the hand carries more
+    # mask beside the forearm's axis, so a hand whose extra mass lies on -g is mirrored
+    mirrored = _thumb_side_sign(m, f, g, mu) < 0
+    if mirrored:
+        g = -g
     af = (P - mu) @ f
     bg = (P - mu) @ g
     a_max = np.percentile(af, 99.8)
@@ -182,9 +187,67 @@ def mask_alignment(mask: np.ndarray, cfg) -> tuple[np.ndarray, dict]:
     A = np.vstack([k * g, -k * f])
     t = np.array([Wc / 2.0 - k * b_mid, cfg.tip_y_px * s * 0.5 + k * a_max]) - A @ mu
     M = np.hstack([A, t[:, None]])
-    info = _info_from_matrix(M, False)
+    info = _info_from_matrix(M, mirrored)
     info["residual_px"] = float("nan")
     return M, info
+
+
+def _mask_coords(m: np.ndarray, long_side_px: int = 256) -> tuple[np.ndarray, float]:
+    """Pixel centres of the mask at a coarse resolution, in the original image's coordinates."""
+    h, w = m.shape
+    k = min(1.0, long_side_px / max(h, w))
+    small = cv2.resize(m.astype(np.uint8), (max(1, round(w * k)), max(1, round(h * k))),
+                       interpolation=cv2.INTER_NEAREST)
+    ys, xs = np.nonzero(small)
+    return np.stack([xs, ys], 1).astype(np.float64) / k, 1.0 / k
+
+
+def _occupancy(m: np.ndarray, along: np.ndarray, across: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """The mask resampled on a grid whose rows run along `along` (row 0 at the low end)."""
+    P, px = _mask_coords(m)
+    a = (P - mu) @ along
+    b = (P - mu) @ across
+    ai = ((a - a.min()) / px).astype(int)
+    bi = ((b - b.min()) / px).astype(int)
+    grid = np.zeros((ai.max() + 1, bi.max() + 1), bool)
+    grid[ai, bi] = True
+    return grid
+
+
+def _finger_end_sign(m: np.ndarray, e1: np.ndarray, mu: np.ndarray) -> int:
+    """+1 when the fingers lie towards +e1, -1 towards -e1, 0 when the rows cannot tell."""
+    e2 = np.array([-e1[1], e1[0]])
+    grid = _occupancy(m, e1, e2, mu)
+    n = grid.shape[0]
+    if n < 20:
+        return 0
+    runs = (np.diff(grid.astype(np.int8), axis=1) == 1).sum(1) + grid[:, 0]
+    lo = runs[int(0.04 * n):int(0.22 * n)].mean()
+    hi = runs[int(0.78 * n):int(0.96 * n)].mean()
+    if abs(hi - lo) < 0.5:
+        return 0
+    return 1 if hi > lo else -1
+
+
+def _thumb_side_sign(m: np.ndarray, f: np.ndarray, g: np.ndarray, mu: np.ndarray) -> int:
+    """+1 when the thumb lies towards +g, -1 towards -g, 0 when undecided. Fingers point along +f.
+    The forearm's centre line (median of the rows at the proximal end) splits the hand; the thumb's
+    side carries more mask in the proximal half of the hand (thumb and thenar)."""
+    grid = _occupancy(m, f, g, mu)  # row 0: proximal end (forearm), last row: fingertips
+    n = grid.shape[0]
+    if n < 20:
+        return 0
+    cols = np.arange(grid.shape[1])
+    base = grid[:int(0.15 * n)]
+    if base.sum() == 0:
+        return 0
+    centre = (base * cols).sum() / base.sum()
+    band = grid[int(0.25 * n):int(0.65 * n)]
+    right = (band[:, cols > centre]).sum()
+    left = (band[:, cols < centre]).sum()
+    if abs(right - left) < 0.05 * max(1, right + left):
+        return 0
+    return 1 if right > left else -1
 
 
 def _full_image_alignment(shape, cfg) -> tuple[np.ndarray, dict]:
