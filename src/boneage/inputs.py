@@ -275,6 +275,8 @@ def load_dataset(cfg, require_test: bool = True, require_train: bool = True) -> 
     index = index_images(input_dir)
     paths: dict[str, Path] = {}
     for r in both.itertuples(index=False):
+        if not SAFE_ID.match(r.id) or ".." in r.id:
+            continue  # already reported; never used to build a path
         found = index.get(r.id, [])
         where = f"{r.csv} row {r.row}"
         if not found:
