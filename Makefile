@@ -19,6 +19,8 @@ demo: $(STAMP)
 		$(PY) src/00_make_demo_data.py --config configs/demo.yaml; \
 	else echo "input/ already holds a data set; using it"; fi
 	bash run_all.sh --config configs/demo.yaml
+	@echo "submission: $$(pwd)/submissions/submission.csv"
+	@echo "report:     $$(pwd)/submissions/report.md"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
