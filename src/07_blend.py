@@ -12,9 +12,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pandas as pd
 
-from boneage.blending import apply_blend_to_test, fit_blend, read_folds, read_oof_dir
+from boneage.blending import apply_blend_to_test, fit_blend, read_oof_dir
 from boneage.cli import run_stage
 from boneage.fileio import atomic_write_csv, atomic_write_json
+from boneage.folds import read_folds
 from boneage.report import uncertainty_table, write_report
 
 log = logging.getLogger("boneage.07_blend")

@@ -15,10 +15,10 @@ from boneage.blending import (
     check_submission,
     fit_blend,
     parse_model_name,
-    read_folds,
     read_oof_dir,
 )
 from boneage.errors import ConfigError, StageInputError
+from boneage.folds import read_folds
 
 
 def make_oof(root: Path, n: int = 400, n_test: int = 40, n_folds: int = 4, holdout_n: int = 0, seed: int = 0,

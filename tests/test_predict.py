@@ -51,6 +51,7 @@ def fakes(monkeypatch):
     seg = types.ModuleType("boneage.segmentation")
     seg.load_unet = lambda d, c, dev: "unet"
     seg.predict_mask = lambda model, image, c, dev: image > 60
+    seg.predict_mask_and_raw = lambda model, image, c, dev: (image > 60, image > 60)
     masks = types.ModuleType("boneage.masks")
     masks.mask_quality = lambda m: (knobs.mask_quality, "" if knobs.mask_quality >= 0.5 else "low_quality")
     masks.clean_radiograph = lambda image, m, c: (np.where(m, image, 0).astype(np.uint8),

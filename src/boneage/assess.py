@@ -437,20 +437,9 @@ def assess_image(image: np.ndarray, male: bool, models: LoadedModels, cfg, chron
 
 
 def _segment(models: LoadedModels, image: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
-    """(raw mask, post-processed hand mask) at the image's size, from one pass of the U-Net. The raw mask keeps
-    every component (two hands stay two); the stage module's `predict_mask` keeps only the hand's."""
-    seg = _mod("segmentation")
-    if all(hasattr(seg, f) for f in ("to_work", "predict_probs", "prob_to_mask")):
-        import cv2
-
-        wi = seg.to_work(image, int(cfg.segment.work_size_px))
-        prob = seg.predict_probs(models.unet, wi.image[None], models.device, 1)[0]
-        nh, nw = wi.inner
-        raw = cv2.resize(np.ascontiguousarray(prob[:nh, :nw].astype(np.float32)), (image.shape[1], image.shape[0]),
-                         interpolation=cv2.INTER_LINEAR) > 0.5
-        return raw, np.asarray(seg.prob_to_mask(prob, wi.inner, wi.size, cfg.segment)).astype(bool)
-    mask = np.asarray(seg.predict_mask(models.unet, image, cfg.segment, models.device)).astype(bool)
-    return mask, mask
+    """(raw mask, post-processed hand mask) at the image's size, from one pass of the U-Net."""
+    raw, mask = _mod("segmentation").predict_mask_and_raw(models.unet, image, cfg.segment, models.device)
+    return np.asarray(raw).astype(bool), np.asarray(mask).astype(bool)
 
 
 def normalise_input(image: np.ndarray, cfg, polarity: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:

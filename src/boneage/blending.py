@@ -124,23 +124,6 @@ class OofSet:
         return [m for m in self.models if m.covers(sex)]
 
 
-def read_folds(path: Path) -> pd.DataFrame:
-    """`folds/folds.csv` (`id,fold,holdout`) with id as text and holdout as bool."""
-    if not Path(path).exists():
-        raise StageInputError(f"{path}: folds file not found; run stage 05 first")
-    try:
-        df = pd.read_csv(path, dtype={"id": str})
-    except Exception as exc:
-        raise StageInputError(f"{path}: cannot read as CSV ({exc})") from None
-    missing = [c for c in ("id", "fold", "holdout") if c not in df.columns]
-    if missing:
-        raise StageInputError(f"{path}: missing column(s) {', '.join(missing)}; expected id,fold,holdout")
-    df["id"] = df["id"].astype(str).str.strip()
-    df["holdout"] = df["holdout"].astype(str).str.strip().str.lower().isin(("true", "1", "yes"))
-    df["fold"] = df["fold"].astype(int)
-    return df[["id", "fold", "holdout"]]
-
-
 def read_oof_dir(oof_dir: Path, folds: pd.DataFrame, sex_by_id: pd.Series | None = None) -> OofSet:
     """Read every `oof/*.csv` and check it against the folds, or raise one StageInputError naming
     every broken file and what is wrong (missing folds, missing / extra / duplicate ids, wrong fold,

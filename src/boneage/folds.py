@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from boneage.errors import InputError
+from boneage.errors import InputError, StageInputError
 
 
 def strata(male: np.ndarray, age_months: np.ndarray, bin_months: int, min_count: int) -> np.ndarray:
@@ -58,3 +58,23 @@ def make_folds(train: pd.DataFrame, n_folds: int, seed: int, holdout_n: int = 0,
     for k, (_, val) in enumerate(skf.split(pool, s)):
         fold[pool[val]] = k
     return pd.DataFrame({"id": ids, "fold": fold, "holdout": holdout})
+
+
+def read_folds(path) -> pd.DataFrame:
+    """`folds/folds.csv` (`id,fold,holdout`) with id as text, fold as int and holdout as bool."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        raise StageInputError(f"{path}: folds file not found; run stage 05 first (src/05_folds.py)")
+    try:
+        df = pd.read_csv(path, dtype={"id": str})
+    except Exception as exc:  # pandas raises several types for a broken CSV
+        raise StageInputError(f"{path}: cannot read as CSV ({exc})") from None
+    missing = [c for c in ("id", "fold", "holdout") if c not in df.columns]
+    if missing:
+        raise StageInputError(f"{path}: missing column(s) {', '.join(missing)}; expected id,fold,holdout")
+    df["id"] = df["id"].astype(str).str.strip()
+    df["holdout"] = df["holdout"].astype(str).str.strip().str.lower().isin(("true", "1", "yes"))
+    df["fold"] = df["fold"].astype(int)
+    return df[["id", "fold", "holdout"]]

@@ -162,9 +162,9 @@ def mask_alignment(mask: np.ndarray, cfg) -> tuple[np.ndarray, dict]:
         area_hi = np.mean(a > hi - 0.15 * ext)
         area_lo = np.mean(a < lo + 0.15 * ext)
         border = (P[:, 0] <= 1) | (P[:, 1] <= 1) | (P[:, 0] >= w - 2) | (P[:, 1] >= h - 2)
-        b_hi = np.mean(border & (a > hi - 0.15 * ext))
-        b_lo = np.mean(border & (a < lo + 0.15 * ext))
-        sign = 1 if (area_lo - area_hi) + 5.0 * (b_lo - b_hi) >= 0 else -1
+        border_hi = np.mean(border & (a > hi - 0.15 * ext))
+        border_lo = np.mean(border & (a < lo + 0.15 * ext))
+        sign = 1 if (area_lo - area_hi) + 5.0 * (border_lo - border_hi) >= 0 else -1
     f = e1 * sign
     g = np.array([-f[1], f[0]])
     # a left hand has its thumb on the canvas' right (+g); the thumb's side of the hand carries more

@@ -104,13 +104,21 @@ def mask_to_work(mask: np.ndarray, work_px: int) -> np.ndarray:
     return sq
 
 
-def prob_to_mask(prob: np.ndarray, inner: tuple[int, int], size: tuple[int, int], cfg) -> np.ndarray:
-    """Working-resolution probability -> post-processed bool mask at the radiograph's size."""
+def prob_to_masks(prob: np.ndarray, inner: tuple[int, int], size: tuple[int, int],
+                  cfg) -> tuple[np.ndarray, np.ndarray]:
+    """Working-resolution probability -> (raw, post-processed) bool masks at the radiograph's size.
+    The raw mask keeps every component (two hands stay two, which the self-check needs to see);
+    the post-processed one keeps only the hand's."""
     nh, nw = inner
     h, w = size
     crop = np.ascontiguousarray(prob[:nh, :nw].astype(np.float32))
-    full = cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR) > 0.5
-    return postprocess_mask(full, getattr(cfg, "smooth_sigma_frac", 0.004), getattr(cfg, "dilate_frac", 0.0))
+    raw = cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR) > 0.5
+    return raw, postprocess_mask(raw, getattr(cfg, "smooth_sigma_frac", 0.004), getattr(cfg, "dilate_frac", 0.0))
+
+
+def prob_to_mask(prob: np.ndarray, inner: tuple[int, int], size: tuple[int, int], cfg) -> np.ndarray:
+    """Working-resolution probability -> post-processed bool mask at the radiograph's size."""
+    return prob_to_masks(prob, inner, size, cfg)[1]
 
 
 def _to_tensor(batch: np.ndarray) -> torch.Tensor:
@@ -325,8 +333,19 @@ def predict_mask(model: torch.nn.Module, image: np.ndarray, cfg, device) -> np.n
     return predict_masks(model, [image], cfg, device)[0]
 
 
+def predict_mask_and_raw(model: torch.nn.Module, image: np.ndarray, cfg, device) -> tuple[np.ndarray, np.ndarray]:
+    """One uint8 radiograph -> (raw, post-processed) bool masks from the same prediction (see `prob_to_masks`)."""
+    return predict_masks_with_raw(model, [image], cfg, device)[0]
+
+
 def predict_masks(model: torch.nn.Module, images: list[np.ndarray], cfg, device) -> list[np.ndarray]:
-    """Radiographs (uint8, any sizes) -> post-processed bool masks at their own sizes, batched.
+    """Radiographs (uint8, any sizes) -> post-processed bool masks at their own sizes, batched."""
+    return [mask for _, mask in predict_masks_with_raw(model, images, cfg, device)]
+
+
+def predict_masks_with_raw(model: torch.nn.Module, images: list[np.ndarray], cfg,
+                           device) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Radiographs (uint8, any sizes) -> (raw, post-processed) bool masks at their own sizes, batched.
 
     Polarity: a radiograph whose polarity score is negative (possibly inverted) or whose mask
     scores below `polarity_retry_quality` (default 0: off, because on real radiographs the retry
@@ -339,9 +358,9 @@ def predict_masks(model: torch.nn.Module, images: list[np.ndarray], cfg, device)
     bs = max(1, int(getattr(cfg, "predict_batch_size", 16)))
     works = [to_work(img, s) for img in images]
     probs = predict_probs(model, np.stack([w.image for w in works]), device, bs)
-    masks = [prob_to_mask(p, w.inner, w.size, cfg) for p, w in zip(probs, works)]
+    pairs = [prob_to_masks(p, w.inner, w.size, cfg) for p, w in zip(probs, works)]
     retry_q = float(getattr(cfg, "polarity_retry_quality", 0.8))
-    quals = [mask_quality(m)[0] for m in masks]
+    quals = [mask_quality(m)[0] for _, m in pairs]
     redo = [k for k, img in enumerate(images) if quals[k] < retry_q or polarity_score(img) < 0.0]
     if redo:
         flipped = []
@@ -352,11 +371,11 @@ def predict_masks(model: torch.nn.Module, images: list[np.ndarray], cfg, device)
             flipped.append(w)
         probs2 = predict_probs(model, np.stack(flipped), device, bs)
         for k, p in zip(redo, probs2):
-            m2 = prob_to_mask(p, works[k].inner, works[k].size, cfg)
-            q2 = mask_quality(m2)[0]
+            pair2 = prob_to_masks(p, works[k].inner, works[k].size, cfg)
+            q2 = mask_quality(pair2[1])[0]
             if q2 > quals[k] + 0.2:  # clearly more hand-like: quality alone also likes background blobs
-                masks[k], quals[k] = m2, q2
-    return masks
+                pairs[k], quals[k] = pair2, q2
+    return pairs
 
 
 def save_unet(model: torch.nn.Module, model_dir: Path) -> Path:

@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from boneage.errors import ConfigError, StageInputError
 from boneage.fileio import atomic_write_csv, atomic_write_json, atomic_write_text
+from boneage.folds import read_folds as read_folds_file
 from boneage.models import HEADS, SEX_MODES, bone_age_loss, build_model, decode_output
 
 log = logging.getLogger(__name__)
@@ -474,16 +475,8 @@ def check_crops(cfg, region: str, ids) -> None:
 
 
 def read_folds(cfg) -> pd.DataFrame:
-    path = cfg.folds_path / "folds.csv"
-    if not path.exists():
-        raise StageInputError(f"{path}: folds file missing (run stage 5, 05_folds)")
-    df = pd.read_csv(path, dtype={"id": str})
-    need = {"id", "fold", "holdout"}
-    if not need <= set(df.columns):
-        raise StageInputError(f"{path}: expected columns id,fold,holdout, found {','.join(df.columns)}")
-    df["holdout"] = df["holdout"].astype(str).str.lower().isin(["true", "1"])
-    df["fold"] = df["fold"].astype(int)
-    return df
+    """The run's `folds.csv` (see `boneage.folds.read_folds`)."""
+    return read_folds_file(cfg.folds_path / "folds.csv")
 
 
 def _merge_folds(train_df: pd.DataFrame, folds_df: pd.DataFrame) -> pd.DataFrame:
