@@ -126,3 +126,21 @@ def test_deterministic_resume_and_skip(made, tmp_path, capsys):
         (out / "boneage-training-dataset" / "7.png").read_bytes()
     assert (out2 / "boneage-training-dataset" / "2.png").stat().st_mtime_ns == keep  # skipped, not redone
     assert (out2 / "boneage-training-dataset.csv").read_bytes() == (out / "boneage-training-dataset.csv").read_bytes()
+
+
+def test_image_written_last_so_an_existing_image_means_a_finished_item(tmp_path, monkeypatch):
+    """A kill between an item's files must never leave its radiograph without its record: the resume
+    check takes an existing radiograph as finished (the CI failure of 2026-11-26 was exactly this)."""
+    import boneage.demo_data as dd
+    from boneage.phantom import PhantomConfig
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing the record")
+
+    monkeypatch.setattr(dd, "atomic_write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        dd._make_item(PhantomConfig(long_side_px=96), 1, tmp_path, 3, "train", True, force=False)
+    assert not (tmp_path / "boneage-training-dataset" / "3.png").exists()
+    monkeypatch.undo()
+    rec = dd._make_item(PhantomConfig(long_side_px=96), 1, tmp_path, 3, "train", True, force=False)
+    assert (tmp_path / "boneage-training-dataset" / "3.png").stat().st_size == rec["image_bytes"]

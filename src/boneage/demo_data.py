@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import cv2
@@ -34,7 +33,14 @@ from tqdm import tqdm
 
 from boneage.config import REPO_ROOT, Config
 from boneage.errors import ConfigError
-from boneage.fileio import atomic_write_csv, atomic_write_json, atomic_write_png, atomic_write_text
+from boneage.fileio import (
+    atomic_write_bytes,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_png,
+    atomic_write_text,
+    encode_png,
+)
 from boneage.phantom import KEYPOINT_NAMES, PhantomConfig, make_phantom
 
 log = logging.getLogger(__name__)
@@ -87,12 +93,15 @@ def _make_item(pcfg: PhantomConfig, seed: int, out: Path, sid: int, split: str, 
         except (OSError, json.JSONDecodeError):
             pass  # a broken record: render again
     s = make_phantom(pcfg, seed, sid)
-    atomic_write_png(paths["image"], s.image)
+    # The radiograph is written last: once it exists, its mask and record do too, so a run killed
+    # between files re-renders only items whose image is missing.
+    png = encode_png(s.image, paths["image"])
     if "mask" in paths:
         atomic_write_png(paths["mask"], s.mask)
     rec = {"id": str(sid), "split": split, "annotated": annotated, "boneage": s.bone_age_months,
-           "male": s.sex == "M", "sex": s.sex, "image_bytes": os.path.getsize(paths["image"]), **s.params}
+           "male": s.sex == "M", "sex": s.sex, "image_bytes": len(png), **s.params}
     atomic_write_json(paths["params"], rec)
+    atomic_write_bytes(paths["image"], png)
     return rec
 
 

@@ -23,7 +23,7 @@ os.umask(_UMASK)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -38,7 +38,7 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -61,12 +61,17 @@ def atomic_write_csv(path: Path, df: pd.DataFrame) -> None:
     atomic_write_text(path, df.to_csv(index=False))
 
 
-def atomic_write_png(path: Path, image: np.ndarray) -> None:
-    """Write an 8-bit (or 16-bit) PNG atomically."""
+def encode_png(image: np.ndarray, path: Path | str = "image") -> bytes:
+    """An 8-bit (or 16-bit) image as PNG bytes."""
     ok, buf = cv2.imencode(".png", image)
     if not ok:
         raise OSError(f"could not encode PNG for {path}")
-    _atomic_bytes(path, buf.tobytes())
+    return buf.tobytes()
+
+
+def atomic_write_png(path: Path, image: np.ndarray) -> None:
+    """Write an 8-bit (or 16-bit) PNG atomically."""
+    atomic_write_bytes(path, encode_png(image, path))
 
 
 def to_uint8(image: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:

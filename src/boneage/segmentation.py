@@ -381,10 +381,10 @@ def predict_masks_with_raw(model: torch.nn.Module, images: list[np.ndarray], cfg
 def save_unet(model: torch.nn.Module, model_dir: Path) -> Path:
     import io
 
-    from boneage.fileio import _atomic_bytes
+    from boneage.fileio import atomic_write_bytes
 
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     path = Path(model_dir) / MODEL_FILE
-    _atomic_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return path
