@@ -9,8 +9,9 @@ segmentation, cleaning, keypoints, registration, the networks, the blend) runs o
   `--set` must describe how those models were trained (crop sizes, canvas scale, network widths).
 - radiographs: the hold-out part of rsna-half (the 200 ids with `holdout=True` in rsna-100px/labels.csv), the
   first `--n` of them in that file's order; labels from rsna-half/labels.csv.
-- `--compare-raw DIR`: a models dir whose single model reads region `R`, the raw radiograph padded to a square
-  (black) and resized to `register.crop_sizes["R"]` (default 256 x 256); no segmentation or registration.
+- `--compare-raw DIR`: a models dir with a model of input `raw` (the real-data ablation's raw-radiograph model,
+  `register.baseline_inputs`), the radiograph padded black to the crop's aspect and resized whole; no segmentation
+  or registration.
   Its shifts go in a second column. Absent or without such a model: the column is skipped and the report says so.
 - Shifts are |pred(variant) - pred(original)| in months on the full method's number given with force=True
   (a rejected variant still has a number here); the share of variants the self-check rejects is reported too.
@@ -147,7 +148,8 @@ def variants(seed: int = 0) -> list[tuple[str, str, object]]:
 
 
 class RawModel:
-    """A models dir whose single model reads region R (raw radiograph padded to a square, resized)."""
+    """A models dir with a model of input `raw` (the ablation's raw radiograph: padded black to the crop's
+    aspect and resized whole, `boneage.registration.fit_whole`; no segmentation or registration)."""
 
     def __init__(self, models_dir: Path, cfg, device):
         from boneage.blending import parse_model_name
@@ -155,23 +157,18 @@ class RawModel:
 
         names = sorted(p.name for p in (Path(models_dir) / "models").glob("*") if p.is_dir()
                        and list(p.glob("fold*/best.pt")))
-        names = [n for n in names if _region_of(n) == "R"]
+        names = [n for n in names if _region_of(n) == "raw"]
         if not names:
-            raise FileNotFoundError(f"{models_dir}/models: no model of region R with trained folds")
+            raise FileNotFoundError(f"{models_dir}/models: no model of input raw with trained folds")
         m = parse_model_name(names[0])
         self.spec = ModelSpec(m.name, m.region, m.head, m.sex_mode, m.backbone)
-        if "R" not in cfg.register.crop_sizes:
-            cfg.register.crop_sizes["R"] = [256, 256]
-        self.hw = tuple(int(x) for x in cfg.register.crop_sizes["R"])
         self.cfg, self.device = cfg, device
         self.models = load_fold_models(models_dir, self.spec, cfg, device)
 
     def crop(self, img: np.ndarray) -> np.ndarray:
-        h, w = img.shape
-        s = max(h, w)
-        sq = np.zeros((s, s), np.uint8)
-        sq[(s - h) // 2:(s - h) // 2 + h, (s - w) // 2:(s - w) // 2 + w] = img
-        return cv2.resize(sq, (self.hw[1], self.hw[0]), interpolation=cv2.INTER_AREA)
+        from boneage.registration import fit_whole, input_hw
+
+        return fit_whole(img, input_hw(self.cfg.register, "raw"))
 
     def predict(self, img: np.ndarray, male: bool) -> float:
         from boneage.training import predict_crop
@@ -274,7 +271,7 @@ def to_markdown(summary: pd.DataFrame, rows: pd.DataFrame, args) -> str:
         f"Radiographs: {orig['id'].nunique()} of the rsna-half hold-out (`--n {args.n}`). "
         f"Originals accepted by the self-check: {(orig['status'] == 'ok').mean():.0%}. "
         "Shift = |pred(variant) - pred(original)| in months (full method, numbers taken with force).", "",
-        args.raw_note if not has_raw else f"Raw-radiograph model: `{args.compare_raw}` (region R).", "",
+        args.raw_note if not has_raw else f"Raw-radiograph model: `{args.compare_raw}` (input raw).", "",
         "| transform | family | n | median | p90 | max | share > 12 mo | rejected |"
         + (" raw median | raw p90 | raw > 12 mo |" if has_raw else ""),
         "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- | --- |" if has_raw else ""),

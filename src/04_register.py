@@ -1,7 +1,8 @@
 """Stage 4: registration into the standard canvas and the three region crops.
 
 Reads `work/clean/{id}.png`, `work/masks/{id}.png` and `work/keypoints.csv`; writes
-`work/registered/{id}.png`, `work/crops/{A,B,C}/{id}.png`, `work/registration.csv` and
+`work/registered/{id}.png`, `work/crops/{A,B,C}/{id}.png` (plus `work/crops/{raw,clean}/{id}.png`, the
+ablation's whole radiographs, when `register.baseline_inputs` lists them), `work/registration.csv` and
 `work/qc/04_registered.png` (flagged / largest thumb residual first, region boxes drawn).
 See `boneage.registration` for the transform, the mirror convention and the mask fallback.
 Resume: a radiograph whose canvas and crops exist keeps its row in registration.csv unless --force.
@@ -25,7 +26,15 @@ from boneage.fileio import atomic_write_csv, atomic_write_png, read_gray, read_m
 from boneage.inputs import load_dataset
 from boneage.keypoints import points_plausible
 from boneage.qc import contact_sheet
-from boneage.registration import REG_COLUMNS, crop_regions, hand_length_stats, region_box, register_radiograph
+from boneage.registration import (
+    REG_COLUMNS,
+    baseline_crops,
+    check_baseline_inputs,
+    crop_regions,
+    hand_length_stats,
+    region_box,
+    register_radiograph,
+)
 
 log = logging.getLogger("boneage.register")
 
@@ -43,8 +52,10 @@ def draw_regions(canvas: np.ndarray, cfg) -> np.ndarray:
 
 def main(cfg, args):
     rcfg = cfg.register
+    check_baseline_inputs(rcfg)
     work = cfg.work_path
     ds = load_dataset(cfg)
+    source_path = dict(zip(ds.all["id"].astype(str), ds.all["path"]))
     ids = ds.all["id"].astype(str).tolist()
     kp_path = work / "keypoints.csv"
     if not kp_path.exists():
@@ -65,7 +76,7 @@ def main(cfg, args):
     rows, qc = [], []
     for k, i in enumerate(tqdm(ids, desc="04 register")):
         out_png = work / "registered" / f"{i}.png"
-        crops_done = all((work / "crops" / n / f"{i}.png").exists() for n in rcfg.regions)
+        crops_done = all((work / "crops" / n / f"{i}.png").exists() for n in [*rcfg.regions, *rcfg.baseline_inputs])
         if old is not None and i in old.index and out_png.exists() and crops_done:
             rows.append({"id": i, **old.loc[i].to_dict()})
             continue
@@ -78,7 +89,10 @@ def main(cfg, args):
         conf = float(kp.loc[i, "confidence"]) if np.isfinite(kp.loc[i, "confidence"]) else 0.0
         canvas, row = register_radiograph(clean, pts_all[k], conf, mask, rcfg, stats)
         atomic_write_png(out_png, canvas)
-        for name, crop in crop_regions(canvas, rcfg).items():
+        crops = crop_regions(canvas, rcfg)
+        if rcfg.baseline_inputs:  # the ablation's whole-radiograph inputs (issue 8)
+            crops.update(baseline_crops(read_gray(source_path[i]), clean, rcfg))
+        for name, crop in crops.items():
             atomic_write_png(work / "crops" / name / f"{i}.png", crop)
         row.pop("matrix", None)
         rows.append({"id": i, **row})

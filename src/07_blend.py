@@ -29,7 +29,7 @@ def main(cfg, args):
     test = ds.test.assign(id=ds.test["id"].astype(str))
     sex_by_id = pd.Series(["M" if m else "F" for m in train["male"]], index=train["id"])
     folds = read_folds(cfg.folds_path / "folds.csv")
-    data = read_oof_dir(cfg.oof_path, folds, sex_by_id)
+    data = read_oof_dir(cfg.oof_path, folds, sex_by_id, regions=cfg.blend.regions)
     blend = fit_blend(data, cfg.blend.method, cfg.blend.ridge_alpha)
     out = cfg.submissions_path
     blend_json = blend.to_json()

@@ -206,3 +206,18 @@ def test_submission_check_names_ids():
     msg = str(exc.value)
     assert "without a prediction: 3" in msg and "without a finite prediction" in msg and "4" in msg
     assert "more than once: 2" in msg
+
+
+def test_blend_reads_only_the_configured_regions(tmp_path):
+    """The ablation's whole-radiograph models (raw, clean) share oof/ with the regions but stay out of the blend."""
+    make_oof(tmp_path)
+    oof = tmp_path / "oof"
+    for suffix in (".csv", ".test.csv"):
+        (oof / f"reg_raw_sex_input_vgg{suffix}").write_text((oof / f"reg_A_sex_input_vgg{suffix}").read_text())
+    folds = read_folds(tmp_path / "folds" / "folds.csv")
+    every = {m.name for m in read_oof_dir(oof, folds).models}
+    assert "reg_raw_sex_input_vgg" in every
+    blended = {m.name for m in read_oof_dir(oof, folds, regions=["A", "B", "C"]).models}
+    assert blended == every - {"reg_raw_sex_input_vgg"}
+    with pytest.raises(StageInputError, match="region"):
+        read_oof_dir(oof, folds, regions=["clean"])

@@ -57,7 +57,7 @@ def test_every_stage_left_its_outputs(smoke_run):
     work = tmp / "work"
     ids = pd.concat([pd.read_csv(tmp / "input" / "boneage-training-dataset.csv")["id"],
                      pd.read_csv(tmp / "input" / "boneage-test-dataset.csv")["Case ID"]]).astype(str)
-    for sub in ("masks", "clean", "registered", "crops/A", "crops/B", "crops/C"):
+    for sub in ("masks", "clean", "registered", "crops/A", "crops/B", "crops/C", "crops/raw", "crops/clean"):
         missing = [i for i in ids if not (work / sub / f"{i}.png").exists()]
         assert not missing, f"{sub}: missing {missing[:5]}"
     for csv in ("masks.csv", "clean.csv", "keypoints.csv", "registration.csv"):
@@ -66,7 +66,9 @@ def test_every_stage_left_its_outputs(smoke_run):
     assert (tmp / "folds" / "folds.csv").exists()
     assert list((tmp / "oof").glob("*.test.csv"))
     assert (tmp / "submissions" / "report.md").exists()
-    assert (tmp / "submissions" / "blend.json").exists()
+    blend = (tmp / "submissions" / "blend.json").read_text()
+    assert (tmp / "oof" / "reg_raw_sex_input_vgg.csv").exists()  # the ablation's raw-radiograph model ...
+    assert "reg_A_sex_input_vgg" in blend and "_raw_" not in blend  # ... trained, but not blended
     assert len(list((work / "qc").glob("*.png"))) >= 4
     times = (work / "logs" / "times.json").read_text()
     for stage in ("01_segment", "02_clean", "03_keypoints", "04_register", "05_folds", "06_train", "07_blend"):

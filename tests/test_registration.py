@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 
 from boneage.config import load_config
+from boneage.errors import ConfigError
 from boneage.registration import (
+    baseline_crops,
     canvas_size,
     canvas_targets,
+    check_baseline_inputs,
     check_points,
     crop_regions,
     hand_length_stats,
+    input_hw,
     is_mirrored,
     mask_alignment,
     region_box,
@@ -182,6 +186,28 @@ def test_crop_regions_sizes_and_content():
         assert crops[k].shape == (h, w)
     assert crops["B"].min() == 200  # B is exactly the bright box
     assert 0 < crops["A"].mean() < 200
+
+
+def test_ablation_inputs_keep_the_whole_radiograph_and_its_aspect():
+    c = rcfg(0.25)
+    c.baseline_inputs = ["raw", "clean"]
+    check_baseline_inputs(c)
+    assert input_hw(c, "raw") == tuple(c.crop_sizes["A"])  # same size as region A unless named
+    raw = np.full((300, 100), 255, np.uint8)  # a tall, narrow radiograph: black bands left and right
+    clean = np.zeros((100, 300), np.uint8)  # a wide one: black bands above and below
+    clean[40:60, :] = 200
+    out = baseline_crops(raw, clean, c)
+    assert set(out) == {"raw", "clean"}
+    h, w = c.crop_sizes["A"]
+    assert out["raw"].shape == out["clean"].shape == (h, w)
+    cols = np.flatnonzero(out["raw"].mean(0) > 128)
+    assert (cols[-1] - cols[0] + 1) / h == pytest.approx(100 / 300, abs=0.03)  # aspect kept, centred
+    assert abs((cols[0] + cols[-1]) / 2 - (w - 1) / 2) <= 1
+    rows = np.flatnonzero(out["clean"].mean(1) > 100)
+    assert (rows[-1] - rows[0] + 1) / w == pytest.approx(20 / 300, abs=0.03)
+    c.baseline_inputs = ["registered"]
+    with pytest.raises(ConfigError, match="baseline_inputs"):
+        check_baseline_inputs(c)
 
 
 def test_default_regions_hold_the_reference_landmarks():

@@ -55,7 +55,7 @@ import importlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -170,10 +170,11 @@ def warm_up(models: LoadedModels, cfg) -> None:
     speed (the first call of a torch module pays one-off allocation and kernel selection)."""
     blank = np.zeros((256, 200), np.uint8)
     _mod("segmentation").predict_mask(models.unet, blank, cfg.segment, models.device)
-    crops = {r: np.zeros((int(h), int(w)), np.uint8) for r, (h, w) in cfg.register.crop_sizes.items()}
+    reg_mod = _mod("registration")
     for n, spec in models.specs.items():
-        if spec.region in crops and n in models.fold_models:
-            _mod("training").predict_crop(models.fold_models[n], crops[spec.region], True, spec, cfg, models.device)
+        if n in models.fold_models:
+            crop = np.zeros(reg_mod.input_hw(cfg.register, spec.region), np.uint8)
+            _mod("training").predict_crop(models.fold_models[n], crop, True, spec, cfg, models.device)
 
 
 def _sex_weights(models: LoadedModels, sex: str) -> tuple[list[str], np.ndarray, float, np.ndarray, str]:
@@ -493,6 +494,7 @@ def assess_image_full(image: np.ndarray, male: bool, models: LoadedModels, cfg, 
     t = {}
     col = colourfulness(image) if colourfulness_value is None else float(colourfulness_value)
     image = to_grey(image)
+    as_read = image  # the ablation's raw-radiograph models read it so, without any preprocessing
     t0 = time.perf_counter()
     img_qc = {"colourfulness": round(col, 2), **{k: round(v, 4) for k, v in image_checks(image).items()}}
     result = {"id": image_id, "sex": sex, "status": "ok", "bone_age_months": None, "uncertainty_months": None}
@@ -545,6 +547,8 @@ def assess_image_full(image: np.ndarray, male: bool, models: LoadedModels, cfg, 
     t0 = time.perf_counter()
     canvas, reg = reg_mod.register_radiograph(clean, points, kp_conf, kp_mask, cfg.register)
     crops = reg_mod.crop_regions(canvas, cfg.register)
+    needed = {models.specs[n].region for n in models.specs} & set(reg_mod.BASELINE_INPUTS)
+    crops.update(reg_mod.baseline_crops(as_read, clean, replace(cfg.register, baseline_inputs=sorted(needed))))
     t["register"] = time.perf_counter() - t0
     if reg.get("flag"):
         flags.append(f"registration: {reg['flag']}")

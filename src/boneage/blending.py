@@ -124,18 +124,25 @@ class OofSet:
         return [m for m in self.models if m.covers(sex)]
 
 
-def read_oof_dir(oof_dir: Path, folds: pd.DataFrame, sex_by_id: pd.Series | None = None) -> OofSet:
+def read_oof_dir(oof_dir: Path, folds: pd.DataFrame, sex_by_id: pd.Series | None = None,
+                 regions: list[str] | tuple[str, ...] | None = None) -> OofSet:
     """Read every `oof/*.csv` and check it against the folds, or raise one StageInputError naming
     every broken file and what is wrong (missing folds, missing / extra / duplicate ids, wrong fold,
     non-finite predictions, a missing test file).
+
+    `regions`: only models of these inputs are read (stage 7 passes `blend.regions`, so that the
+    ablation's raw / clean models in the same folder stay out of the blend); None reads every model.
 
     `sex_by_id` ('F'/'M' indexed by id, e.g. from the training labels) decides which ids a female /
     male model must cover; without it the sex columns of the files themselves are used.
     """
     oof_dir = Path(oof_dir)
     paths = sorted(p for p in oof_dir.glob("*.csv") if not p.name.endswith((".test.csv", ".holdout.csv")))
+    if regions is not None:
+        paths = [p for p in paths if parse_model_name(p.stem).region in regions]
     if not paths:
-        raise StageInputError(f"{oof_dir}: no out-of-fold files (*.csv); run stage 06 first")
+        where = f" of region(s) {', '.join(regions)}" if regions is not None else ""
+        raise StageInputError(f"{oof_dir}: no out-of-fold files (*.csv){where}; run stage 06 first")
     problems: list[str] = []
     models, oof, test, holdout = [], {}, {}, {}
     for p in paths:

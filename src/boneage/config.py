@@ -136,6 +136,10 @@ class RegisterConfig:
     crop_sizes: dict[str, list[int]] = field(  # (height, width) of each region crop written
         default_factory=lambda: {"A": [256, 200], "B": [192, 192], "C": [144, 256]}
     )
+    # ablation inputs (issue 8), written beside the region crops, same size as A unless crop_sizes names them:
+    # raw = the radiograph as read, clean = the cleaned radiograph (stages 1-2); both padded black to the
+    # crop's aspect and resized whole, without registration
+    baseline_inputs: list[str] = field(default_factory=list)
     max_hand_length_z: float = 4.0  # hand length this many SDs from the data set's median: fallback
     qc_sheet_n: int = 48
     min_confidence: float = 0.3  # keypoints below this confidence: mask-based fallback
@@ -198,6 +202,8 @@ class BlendConfig:
 
     method: str = "nnls"  # nnls (non-negative coefficients + intercept) or ridge
     ridge_alpha: float = 1.0
+    # inputs whose models are blended; the ablation's whole-radiograph models (raw, clean) are left out
+    regions: list[str] = field(default_factory=lambda: ["A", "B", "C"])
     check_top_n: int = 10  # test cases listed for a person to check
     check_keypoint_confidence: float = 0.5  # test cases with keypoint confidence below this are listed too
     age_band_months: int = 24  # width of the age bands in the report's MAE-by-age plot

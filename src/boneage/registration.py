@@ -28,6 +28,7 @@ import math
 import cv2
 import numpy as np
 
+from boneage.errors import ConfigError
 from boneage.keypoints import points_plausible
 
 REG_COLUMNS = ["id", "scale", "angle_deg", "tx", "ty", "mirrored", "residual_px", "method", "flag"]
@@ -314,3 +315,39 @@ def crop_regions(canvas: np.ndarray, cfg) -> dict[str, np.ndarray]:
         interp = cv2.INTER_AREA if th < crop.shape[0] else cv2.INTER_LINEAR
         out[name] = cv2.resize(crop, (tw, th), interpolation=interp)
     return out
+
+
+# ----------------------------------------------------------------------------- ablation inputs (issue 8)
+
+BASELINE_INPUTS = ("raw", "clean")  # whole radiographs without registration: what each stage is worth
+
+
+def input_hw(cfg, name: str) -> tuple[int, int]:
+    """(height, width) of a region crop or ablation input; an ablation input without its own size takes A's."""
+    hw = cfg.crop_sizes.get(name) or cfg.crop_sizes["A"]
+    return int(hw[0]), int(hw[1])
+
+
+def check_baseline_inputs(cfg) -> None:
+    unknown = [n for n in cfg.baseline_inputs if n not in BASELINE_INPUTS]
+    if unknown:
+        raise ConfigError(f"register.baseline_inputs: {', '.join(map(str, unknown))} not one of "
+                          f"{', '.join(BASELINE_INPUTS)}")
+
+
+def fit_whole(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """The whole image, centred on a black background of the target's aspect, resized to (height, width)."""
+    th, tw = int(hw[0]), int(hw[1])
+    h, w = image.shape[:2]
+    ph, pw = max(h, int(np.ceil(w * th / tw))), max(w, int(np.ceil(h * tw / th)))
+    pad = np.zeros((ph, pw), np.uint8)
+    y0, x0 = (ph - h) // 2, (pw - w) // 2
+    pad[y0:y0 + h, x0:x0 + w] = image
+    interp = cv2.INTER_AREA if th < ph else cv2.INTER_LINEAR
+    return cv2.resize(pad, (tw, th), interpolation=interp)
+
+
+def baseline_crops(raw: np.ndarray, clean: np.ndarray, cfg) -> dict[str, np.ndarray]:
+    """{name: input} for every name in `cfg.baseline_inputs` (raw: the radiograph as read, 8-bit grey)."""
+    source = {"raw": raw, "clean": clean}
+    return {n: fit_whole(source[n], input_hw(cfg, n)) for n in cfg.baseline_inputs}
