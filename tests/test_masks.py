@@ -12,9 +12,11 @@ from boneage.masks import (
     clean_radiograph,
     detect_inverted,
     equalise,
+    exposed_field,
     fill_holes,
     mask_quality,
     postprocess_mask,
+    refine_edges,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -177,3 +179,57 @@ def test_equalise_inside_only():
     out = equalise(img, hand, 2.0, 8)
     assert (out[~hand] == 0).all()
     assert out[hand].mean() > 0
+
+
+def test_exposed_field_removes_tilted_bright_bands_and_nothing_else():
+    truth = hand_mask()
+    img = radiograph(truth, band=False).astype(np.float32)
+    h, w = truth.shape
+    yy, xx = np.mgrid[:h, :w]
+    left = xx < 18 + 0.05 * yy  # a band tilted by about 3 degrees
+    top = yy < 12
+    img[left | top] = 245.0
+    field = exposed_field(np.clip(img, 0, 255).astype(np.uint8))
+    assert (~field[left | top]).mean() > 0.97  # the bands are out of the field ...
+    assert field[~(left | top)].mean() > 0.99  # ... and nothing else, the forearm at the bottom edge included
+    assert field[truth & ~(left | top)].all()
+    assert exposed_field(radiograph(truth, band=False)).all()  # no band: the whole image
+
+
+@pytest.mark.parametrize("inverted", [False, True])
+def test_refine_edges_moves_a_too_wide_border_onto_the_soft_tissue(inverted):
+    truth = hand_mask()
+    img = radiograph(truth, letters=False, band=False)
+    if inverted:
+        img = 255 - img
+    wide = cv2.dilate(truth.astype(np.uint8), np.ones((9, 9), np.uint8)) > 0  # off by 4 px, like an upsampled mask
+    assert iou(wide, truth) < 0.85
+    assert iou(refine_edges(img, wide, band_px=6), truth) > 0.95
+    flat = np.full(truth.shape, 100, np.uint8)  # no edge to find: the mask is left as it was
+    assert (refine_edges(flat, wide, band_px=6) == wide).all()
+
+
+def test_prob_to_masks_clips_bands_and_refines_at_full_size():
+    from boneage.config import load_config
+    from boneage.segmentation import prob_to_masks, to_work
+
+    hand = hand_mask()
+    img = radiograph(hand, letters=False, band=False)
+    band = np.zeros(hand.shape, bool)
+    band[-14:] = True  # a bright band across the bottom, joined to the hand through the forearm
+    img[band] = 250
+    truth = hand & ~band  # outside the exposed field is not hand
+    wi = to_work(img, 64)
+    nh, nw = wi.inner
+    prob = np.zeros((64, 64), np.float32)
+    prob[:nh, :nw] = cv2.resize((hand | band).astype(np.float32), (nw, nh), interpolation=cv2.INTER_AREA)
+    plain = load_config(None, ["segment.dilate_frac=0", "segment.clip_bright_bands=false",
+                               "segment.refine_edge_work_px=0"]).segment
+    fixed = load_config(None, ["segment.dilate_frac=0.01", "segment.clip_bright_bands=true",
+                               "segment.refine_edge_work_px=1.5"]).segment
+    before = prob_to_masks(prob, wi.inner, wi.size, plain, img)[1]
+    raw, after = prob_to_masks(prob, wi.inner, wi.size, fixed, img)
+    assert before[-10:].mean() > 0.5  # the band joined the hand
+    assert not after[-12:].any()
+    assert iou(after, truth) > iou(before, truth) + 0.05 and iou(after, truth) > 0.93
+    assert raw[-10:].mean() > 0.5  # the raw mask (for the self-check) is what the network said

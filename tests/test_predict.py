@@ -65,6 +65,7 @@ def fakes(monkeypatch):
     reg.register_radiograph = lambda clean, pts, conf, m, c: (
         cv2.resize(clean, (160, 208)), {"method": knobs.method, "flag": "", "mirrored": False, "residual_px": 0.0})
     reg.crop_regions = lambda canvas, c: {"A": canvas, "B": canvas[130:, 40:120], "C": canvas[60:150]}
+    reg.BASELINE_INPUTS = ("raw", "clean")  # no blend here reads them
     tr = types.ModuleType("boneage.training")
 
     class ModelSpec(types.SimpleNamespace):

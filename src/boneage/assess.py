@@ -548,7 +548,8 @@ def assess_image_full(image: np.ndarray, male: bool, models: LoadedModels, cfg, 
     canvas, reg = reg_mod.register_radiograph(clean, points, kp_conf, kp_mask, cfg.register)
     crops = reg_mod.crop_regions(canvas, cfg.register)
     needed = {models.specs[n].region for n in models.specs} & set(reg_mod.BASELINE_INPUTS)
-    crops.update(reg_mod.baseline_crops(as_read, clean, replace(cfg.register, baseline_inputs=sorted(needed))))
+    if needed:  # models of the ablation's whole radiographs (bench/stress.py compares them)
+        crops.update(reg_mod.baseline_crops(as_read, clean, replace(cfg.register, baseline_inputs=sorted(needed))))
     t["register"] = time.perf_counter() - t0
     if reg.get("flag"):
         flags.append(f"registration: {reg['flag']}")

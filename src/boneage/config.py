@@ -64,6 +64,10 @@ class SegmentConfig:
     pseudo_label_min_confidence: float = 0.9  # self-training keeps predictions with mean |2p-1| above this
     smooth_sigma_frac: float = 0.004  # border smoothing of predicted masks, share of the long side
     dilate_frac: float = 0.01  # grow predicted masks by this share of the long side (fingertip soft tissue)
+    # predicted masks at the radiograph's size: clip bright collimation bands (masks.exposed_field), then move
+    # the border onto the soft-tissue edge within this many working pixels (masks.refine_edges; 0: off)
+    clip_bright_bands: bool = True
+    refine_edge_work_px: float = 1.5
     predict_batch_size: int = 16
     polarity_retry_quality: float = 0.0  # masks below this (or a negative polarity score) are retried inverted
     invert_aug_p: float = 0.5  # share of training samples shown inverted: the U-Net learns both polarities

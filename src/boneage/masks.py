@@ -263,10 +263,15 @@ def postprocess_mask(mask: np.ndarray, smooth_sigma_frac: float = 0.004, dilate_
     m = select_hand_component(m)
     m = fill_holes(m)
     m = smooth_mask(m, smooth_sigma_frac * long_side)
-    r = round(dilate_frac * long_side)
+    return grow_mask(m, dilate_frac)
+
+
+def grow_mask(mask: np.ndarray, dilate_frac: float) -> np.ndarray:
+    """Dilate by `dilate_frac` of the long side (nothing below one pixel), keeping the hand's component."""
+    m = mask.astype(bool)
+    r = round(dilate_frac * max(m.shape))
     if r >= 1:
-        k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-        m = cv2.dilate(m.astype(np.uint8), k) > 0
+        m = cv2.dilate(m.astype(np.uint8), _disk(r)) > 0
     if m.any():
         m = select_hand_component(m)
     return m
@@ -306,6 +311,10 @@ def classical_candidates(image: np.ndarray, work_px: int = 256, n_thresholds: in
     return cands
 
 
+def _disk(r: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+
+
 def refine_boundary(img: np.ndarray, mask: np.ndarray, band_px: int = 3, iterations: int = 2) -> np.ndarray:
     """Move a rough mask's border to the mid-level between the hand's soft tissue and the background:
     levels from bands 3-6 px inside and outside the border, a threshold between them applied only
@@ -314,9 +323,7 @@ def refine_boundary(img: np.ndarray, mask: np.ndarray, band_px: int = 3, iterati
         return mask
     sm = cv2.GaussianBlur(img, (0, 0), 0.7).astype(np.float32)
 
-    def disk(r):
-        return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-
+    disk = _disk
     for _ in range(iterations):
         mu8 = mask.astype(np.uint8)
         ring_in = (cv2.erode(mu8, disk(2)) > 0) & ~(cv2.erode(mu8, disk(5)) > 0)
@@ -333,6 +340,86 @@ def refine_boundary(img: np.ndarray, mask: np.ndarray, band_px: int = 3, iterati
             return mask
         mask = refined
     return mask
+
+
+def _otsu(values: np.ndarray, bins: int = 64) -> tuple[float, float]:
+    """(threshold, share of the variance between the two classes) of a 1-D sample."""
+    lo, hi = np.percentile(values, [1, 99])
+    if hi - lo < 1e-6:
+        return float(lo), 0.0
+    hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    p = hist / max(1, hist.sum())
+    c = 0.5 * (edges[:-1] + edges[1:])
+    w0, mu = np.cumsum(p), np.cumsum(p * c)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mu[-1] * w0 - mu) ** 2 / (w0 * (1.0 - w0))
+    j = int(np.nanargmax(np.nan_to_num(between, nan=-1.0)))
+    return float(c[j]), float(between[j] / max(float(np.var(values)), 1e-9))
+
+
+def refine_edges(image: np.ndarray, mask: np.ndarray, band_px: int, min_separation: float = 0.5,
+                 smooth_sigma_frac: float = 0.002) -> np.ndarray:
+    """Put a mask's border (upsampled from the U-Net's working resolution, so off by a working pixel or
+    two) on the radiograph's own soft-tissue edge: within `band_px` of the border, pixels are reassigned by
+    an Otsu threshold of the band's intensities, on the side of the hand's polarity (soft tissue brighter
+    or darker than the background, whichever the band shows). Where the band does not split into two
+    clear levels (between-class variance share below `min_separation`: faint soft tissue, a cast) the
+    mask is returned unchanged."""
+    m = mask.astype(bool)
+    if band_px < 1 or not m.any():
+        return m
+    mu8 = m.astype(np.uint8)
+    inner = cv2.erode(mu8, _disk(band_px)) > 0
+    band = (cv2.dilate(mu8, _disk(band_px)) > 0) & ~inner
+    inside, outside = image[band & m], image[band & ~m]
+    if inside.size < 50 or outside.size < 50:
+        return m
+    sign = 1.0 if np.median(inside) >= np.median(outside) else -1.0
+    v = image.astype(np.float32) * sign
+    t, separation = _otsu(v[band])
+    if separation < min_separation:
+        return m
+    refined = fill_holes(select_hand_component(inner | (band & (v > t))))
+    if not refined.any():
+        return m
+    return smooth_mask(refined, smooth_sigma_frac * max(m.shape))
+
+
+def exposed_field(image: np.ndarray, min_cover: float = 0.85, max_tilt: float = 0.08,
+                  max_depth_frac: float = 0.3) -> np.ndarray:
+    """True where the film was exposed: the radiograph minus bright collimation bands along its sides
+    (a uniformly bright strip from an edge, at least `min_cover` of that side long, with a straight inner
+    edge tilted at most `max_tilt`). The U-Net tends to take such bands for soft tissue; dark bands look
+    like background and need nothing. Returns all True when no band is found."""
+    g = cv2.medianBlur(image, 5).astype(np.float32)
+    lo, hi = np.percentile(g, [2, 99.5])
+    bright = g >= lo + 0.8 * (hi - lo)
+    field = np.ones(g.shape, bool)
+    if hi - lo < 20:
+        return field
+    views = {"left": (lambda a: a, lambda b: b), "right": (lambda a: a[:, ::-1], lambda b: b[:, ::-1]),
+             "top": (lambda a: a.T, lambda b: b.T), "bottom": (lambda a: a[::-1].T, lambda b: b.T[::-1])}
+    for to_side, back in views.values():
+        b = to_side(bright)
+        n, depth_max = b.shape
+        run = np.where((~b).any(1), (~b).argmax(1), depth_max)  # bright run from the edge, per row
+        if (run > 0).mean() < min_cover:
+            continue
+        y = np.arange(n)
+        near = (run > 0) & (np.abs(run - np.median(run[run > 0])) <= max_tilt * n / 2 + 3)
+        if near.sum() < 0.5 * n:
+            continue
+        A = np.stack([y[near], np.ones(int(near.sum()))], 1)
+        coef = np.linalg.lstsq(A, run[near].astype(float), rcond=None)[0]
+        inl = np.abs(A @ coef - run[near]) < max(3.0, 0.01 * depth_max)
+        if inl.sum() < 0.5 * n or abs(coef[0]) > max_tilt:
+            continue
+        coef = np.linalg.lstsq(A[inl], run[near][inl].astype(float), rcond=None)[0]
+        depth = np.clip(np.round(coef[0] * y + coef[1] + 1), 0, depth_max).astype(int)
+        if np.median(depth) > max_depth_frac * depth_max:
+            continue
+        field &= ~back(np.arange(depth_max)[None, :] < depth[:, None])
+    return field
 
 
 def _texture_ratio(grad: np.ndarray, mask: np.ndarray) -> float:

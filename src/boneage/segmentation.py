@@ -32,7 +32,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from boneage.masks import classical_mask, mask_quality, polarity_score, postprocess_mask
+from boneage.masks import (
+    classical_mask,
+    exposed_field,
+    mask_quality,
+    polarity_score,
+    postprocess_mask,
+    refine_edges,
+    select_hand_component,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +113,22 @@ def mask_to_work(mask: np.ndarray, work_px: int) -> np.ndarray:
 
 
 def prob_to_masks(prob: np.ndarray, inner: tuple[int, int], size: tuple[int, int],
-                  cfg) -> tuple[np.ndarray, np.ndarray]:
+                  cfg, image: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Working-resolution probability -> (raw, post-processed) bool masks at the radiograph's size.
     The raw mask keeps every component (two hands stay two, which the self-check needs to see);
-    the post-processed one keeps only the hand's."""
+    the post-processed one keeps only the hand's. With the radiograph (`image`, uint8 at `size`), the
+    post-processed mask is clipped to the exposed field (`segment.clip_bright_bands`) and its border moved
+    onto the soft-tissue edge (`segment.refine_edge_work_px`) before the optional dilation."""
     nh, nw = inner
     h, w = size
     crop = np.ascontiguousarray(prob[:nh, :nw].astype(np.float32))
     raw = cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR) > 0.5
-    return raw, postprocess_mask(raw, getattr(cfg, "smooth_sigma_frac", 0.004), getattr(cfg, "dilate_frac", 0.0))
+    field = exposed_field(image) if image is not None and getattr(cfg, "clip_bright_bands", False) else True
+    hand = postprocess_mask(raw & field, getattr(cfg, "smooth_sigma_frac", 0.004), getattr(cfg, "dilate_frac", 0.0))
+    band = round(float(getattr(cfg, "refine_edge_work_px", 0.0)) * max(h, w) / max(nh, nw))
+    if image is not None and band >= 1:  # after the dilation: a mask a little too wide is pulled back to the edge
+        hand = select_hand_component(refine_edges(image, hand, band) & field)
+    return raw, hand
 
 
 def prob_to_mask(prob: np.ndarray, inner: tuple[int, int], size: tuple[int, int], cfg) -> np.ndarray:
@@ -358,7 +373,7 @@ def predict_masks_with_raw(model: torch.nn.Module, images: list[np.ndarray], cfg
     bs = max(1, int(getattr(cfg, "predict_batch_size", 16)))
     works = [to_work(img, s) for img in images]
     probs = predict_probs(model, np.stack([w.image for w in works]), device, bs)
-    pairs = [prob_to_masks(p, w.inner, w.size, cfg) for p, w in zip(probs, works)]
+    pairs = [prob_to_masks(p, w.inner, w.size, cfg, img) for p, w, img in zip(probs, works, images)]
     retry_q = float(getattr(cfg, "polarity_retry_quality", 0.8))
     quals = [mask_quality(m)[0] for _, m in pairs]
     redo = [k for k, img in enumerate(images) if quals[k] < retry_q or polarity_score(img) < 0.0]
@@ -371,7 +386,7 @@ def predict_masks_with_raw(model: torch.nn.Module, images: list[np.ndarray], cfg
             flipped.append(w)
         probs2 = predict_probs(model, np.stack(flipped), device, bs)
         for k, p in zip(redo, probs2):
-            pair2 = prob_to_masks(p, works[k].inner, works[k].size, cfg)
+            pair2 = prob_to_masks(p, works[k].inner, works[k].size, cfg, images[k])
             q2 = mask_quality(pair2[1])[0]
             if q2 > quals[k] + 0.2:  # clearly more hand-like: quality alone also likes background blobs
                 pairs[k], quals[k] = pair2, q2
