@@ -5,8 +5,11 @@
     .venv/bin/python bench/ablation.py --oof OOF_DIR --folds FOLDS_CSV [--labels TEST_LABELS_CSV]
         [--test-csv boneage-test-dataset.csv] [--arm "label=model[,model...]" ...] [--out FILE.md]
 
-Reads the out-of-fold files stage 6 wrote (`configs/cpu.yaml` trains every arm: `register.baseline_inputs`
-and `train.only_models`). An arm with one model is that model's predictions; an arm with several is their
+Reads the out-of-fold files stage 6 wrote. `configs/cpu.yaml` writes the whole-radiograph inputs
+(`register.baseline_inputs`) and trains their reg models; their cls models are one more stage-6 call:
+`bash run_all.sh --config configs/cpu.yaml ... --only 6 --set train.only_models=[cls_raw_sex_input_vgg,cls_clean_sex_input_vgg]`.
+Default arms whose models are missing are skipped with a line saying so. An arm with one model is that
+model's predictions; an arm with several is their
 linear blend, fitted and cross-validated over the folds exactly as stage 7 does (`boneage.blending`).
 For each arm: the OOF MAE over the training radiographs, the mean and SD of the per-fold MAEs, and,
 with `--labels`, the MAE on the test radiographs (fold-mean predictions; never trained on).
@@ -28,9 +31,12 @@ from boneage.blending import OofSet, apply_blend_to_test, fit_blend, read_oof_di
 from boneage.folds import read_folds  # noqa: E402
 
 DEFAULT_ARMS = [
-    "(1) raw radiograph=reg_raw_sex_input_vgg",
-    "(2) cleaned radiograph, stages 1-2=reg_clean_sex_input_vgg",
-    "(3) registered hand A, stages 1-4=reg_A_sex_input_vgg",
+    "(1) raw radiograph, reg=reg_raw_sex_input_vgg",
+    "(1) raw radiograph, reg + cls=reg_raw_sex_input_vgg,cls_raw_sex_input_vgg",
+    "(2) cleaned radiograph (stages 1-2), reg=reg_clean_sex_input_vgg",
+    "(2) cleaned radiograph (stages 1-2), reg + cls=reg_clean_sex_input_vgg,cls_clean_sex_input_vgg",
+    "(3) registered hand A (stages 1-4), reg=reg_A_sex_input_vgg",
+    "(3) registered hand A (stages 1-4), reg + cls=reg_A_sex_input_vgg,cls_A_sex_input_vgg",
     "(4) full method: blend of A, B, C x reg, cls=reg_A_sex_input_vgg,cls_A_sex_input_vgg,reg_B_sex_input_vgg,"
     "cls_B_sex_input_vgg,reg_C_sex_input_vgg,cls_C_sex_input_vgg",
 ]
@@ -96,6 +102,9 @@ def main(argv=None) -> int:
     rows = []
     for text in args.arm or DEFAULT_ARMS:
         label, names = parse_arm(text)
+        if not args.arm and any(n not in data.oof for n in names):  # a default arm whose models were not trained
+            print(f"skipped: {label} (no out-of-fold file for {', '.join(n for n in names if n not in data.oof)})")
+            continue
         oof, tp = arm_predictions(data, names, test)
         per_fold = [mae(g["pred"], g["boneage"]) for _, g in oof.groupby("fold")]
         row = {"arm": label, "models": len(names), "n_oof": len(oof), "oof_mae": mae(oof["pred"], oof["boneage"]),
