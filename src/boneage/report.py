@@ -448,8 +448,9 @@ def write_report(out_dir: Path, blend: Blend, data: OofSet, test_pred: pd.DataFr
     score = score_test(test_pred[["id", "boneage"]], truth_path, train_labels) if truth_path else None
     if score:
         base = f"; sex-mean baseline {score['baseline_mae']:.2f}" if "baseline_mae" in score else ""
-        md.append(f"- Test set scored against `{Path(score['path']).name}` (ground truth written by the demo data "
-                  f"generator, used only for this score, never for fitting): MAE **{score['mae']:.2f}** on "
+        md.append(f"- Test set scored against `input/ground_truth/{Path(score['path']).name}` (ground truth kept aside "
+                  f"when the input folder was built, by the phantom generator or `bench/make_real_input.py`; used only "
+                  f"for this score, never for fitting): MAE **{score['mae']:.2f}** on "
                   f"{score['n']} (female {_fmt(score['mae_F'])}, male {_fmt(score['mae_M'])}){base}.")
     else:
         md.append("- No test ground truth (`input/ground_truth/test_labels.csv`): the test set is not scored.")
