@@ -6,9 +6,9 @@
         [--test-csv boneage-test-dataset.csv] [--arm "label=model[,model...]" ...] [--out FILE.md]
 
 Reads the out-of-fold files stage 6 wrote. `configs/cpu.yaml` writes the whole-radiograph inputs
-(`register.baseline_inputs`) and trains their reg models; their cls models are one more stage-6 call:
-`bash run_all.sh --config configs/cpu.yaml ... --only 6 \\
-    --set train.only_models=[cls_raw_sex_input_vgg,cls_clean_sex_input_vgg]`.
+(`register.baseline_inputs`); their models are one more stage-6 call after the run:
+`bash run_all.sh --config configs/cpu.yaml ... --only 6 --set 'train.regions=[raw,clean]'`
+(stage 7 blends only `blend.regions`, A, B, C, so they never enter the submission).
 Default arms whose models are missing are skipped with a line saying so. An arm with one model is that
 model's predictions; an arm with several is their
 linear blend, fitted and cross-validated over the folds exactly as stage 7 does (`boneage.blending`).
