@@ -7,7 +7,7 @@ from boneage.errors import ConfigError
 def test_defaults_and_profile(tmp_path):
     cfg = load_config("configs/smoke.yaml")
     assert cfg.folds.n_folds == 2
-    assert cfg.train.regions == ["A", "C"]
+    assert cfg.train.regions == ["A", "C", "raw"]
     assert cfg.input_dir == "input"
     assert cfg.work_path.is_absolute()
 
