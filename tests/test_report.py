@@ -86,7 +86,7 @@ def test_stage7_writes_submission_report_and_plots(tmp_path, monkeypatch):
         assert section in md, section
     assert "beats the best single model" in md
     assert "Hold-out (60 radiographs" in md
-    assert "Test set scored against `test_labels.csv`" in md and "sex-mean baseline" in md
+    assert "Test set scored against `input/ground_truth/test_labels.csv`" in md and "sex-mean baseline" in md
     assert "| 8.08 |" in md and "6.39 / 6.16" in md  # the paper's figures beside this run's
     assert "ensemble of regions" in md
     assert "[01_masks_worst.png](qc/01_masks_worst.png)" in md and (sub / "qc" / "01_masks_worst.png").exists()
