@@ -323,18 +323,17 @@ def refine_boundary(img: np.ndarray, mask: np.ndarray, band_px: int = 3, iterati
         return mask
     sm = cv2.GaussianBlur(img, (0, 0), 0.7).astype(np.float32)
 
-    disk = _disk
     for _ in range(iterations):
         mu8 = mask.astype(np.uint8)
-        ring_in = (cv2.erode(mu8, disk(2)) > 0) & ~(cv2.erode(mu8, disk(5)) > 0)
-        ring_out = (cv2.dilate(mu8, disk(5)) > 0) & ~(cv2.dilate(mu8, disk(2)) > 0)
+        ring_in = (cv2.erode(mu8, _disk(2)) > 0) & ~(cv2.erode(mu8, _disk(5)) > 0)
+        ring_out = (cv2.dilate(mu8, _disk(5)) > 0) & ~(cv2.dilate(mu8, _disk(2)) > 0)
         if ring_out.sum() < 10 or ring_in.sum() < 10:
             return mask
         t = 0.5 * (np.median(sm[ring_in]) + np.median(sm[ring_out]))
-        outer = cv2.dilate(mu8, disk(band_px)) > 0
-        inner = cv2.erode(mu8, disk(band_px)) > 0
+        outer = cv2.dilate(mu8, _disk(band_px)) > 0
+        inner = cv2.erode(mu8, _disk(band_px)) > 0
         refined = inner | (outer & (sm > t))
-        refined = cv2.morphologyEx(refined.astype(np.uint8), cv2.MORPH_OPEN, disk(1)) > 0
+        refined = cv2.morphologyEx(refined.astype(np.uint8), cv2.MORPH_OPEN, _disk(1)) > 0
         refined = fill_holes(select_hand_component(refined))
         if not refined.any():
             return mask
