@@ -396,9 +396,9 @@ def exposed_field(image: np.ndarray, min_cover: float = 0.85, max_tilt: float = 
     field = np.ones(g.shape, bool)
     if hi - lo < 20:
         return field
-    views = {"left": (lambda a: a, lambda b: b), "right": (lambda a: a[:, ::-1], lambda b: b[:, ::-1]),
-             "top": (lambda a: a.T, lambda b: b.T), "bottom": (lambda a: a[::-1].T, lambda b: b.T[::-1])}
-    for to_side, back in views.values():
+    views = ((lambda a: a, lambda b: b), (lambda a: a[:, ::-1], lambda b: b[:, ::-1]),  # left, right
+             (lambda a: a.T, lambda b: b.T), (lambda a: a[::-1].T, lambda b: b.T[::-1]))  # top, bottom
+    for to_side, back in views:
         b = to_side(bright)
         n, depth_max = b.shape
         run = np.where((~b).any(1), (~b).argmax(1), depth_max)  # bright run from the edge, per row

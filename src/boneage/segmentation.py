@@ -117,8 +117,8 @@ def prob_to_masks(prob: np.ndarray, inner: tuple[int, int], size: tuple[int, int
     """Working-resolution probability -> (raw, post-processed) bool masks at the radiograph's size.
     The raw mask keeps every component (two hands stay two, which the self-check needs to see);
     the post-processed one keeps only the hand's. With the radiograph (`image`, uint8 at `size`), the
-    post-processed mask is clipped to the exposed field (`segment.clip_bright_bands`) and its border moved
-    onto the soft-tissue edge (`segment.refine_edge_work_px`) before the optional dilation."""
+    post-processed mask is clipped to the exposed field (`segment.clip_bright_bands`) and, after the
+    optional dilation, its border is moved onto the soft-tissue edge (`segment.refine_edge_work_px`)."""
     nh, nw = inner
     h, w = size
     crop = np.ascontiguousarray(prob[:nh, :nw].astype(np.float32))

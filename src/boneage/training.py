@@ -52,11 +52,11 @@ from boneage.errors import ConfigError, StageInputError
 from boneage.fileio import atomic_write_csv, atomic_write_json, atomic_write_text
 from boneage.folds import read_folds as read_folds_file
 from boneage.models import HEADS, SEX_MODES, bone_age_loss, build_model, decode_output
-from boneage.registration import input_hw
+from boneage.registration import BASELINE_INPUTS, input_hw
 
 log = logging.getLogger(__name__)
 
-REGIONS = ("A", "B", "C", "raw", "clean")  # raw / clean: the ablation's whole radiographs (issue 8)
+REGIONS = ("A", "B", "C", *BASELINE_INPUTS)  # plus the ablation's whole radiographs, raw and clean (issue 8)
 TTA_SCALES = (1.0, 0.95, 1.05)  # flip-free test-time augmentation: zoom out and in a little
 
 
