@@ -68,7 +68,8 @@ def main(cfg, args):
             flag_extra = "no_mask_file"
         clean, info = clean_radiograph(img, mask, cfg.clean)
         atomic_write_png(out, clean)
-        flag = "+".join(f for f in (flag_extra, info["flag"]) if f)
+        noisy = f"denoised:sigma{info['noise_sigma']:.1f}" if info.get("denoised") else ""
+        flag = "+".join(f for f in (flag_extra, info["flag"], noisy) if f)
         table.append({"id": sid, "inverted": bool(info["inverted"]),
                       "kept_area_frac": round(info["kept_area_frac"], 4), "flag": flag})
     df = pd.DataFrame(table, columns=COLUMNS)

@@ -32,11 +32,13 @@ from boneage.inputs import load_dataset
 from boneage.keypoints import (
     combine_model_geometric,
     fit_geometric_proportions,
+    from_view,
     geometric_from_cfg,
     load_keypoint_model,
+    network_view,
     predict_batch,
     save_model,
-    to_square,
+    to_view,
     train_model,
 )
 from boneage.qc import contact_sheet
@@ -109,7 +111,8 @@ def main(cfg, args):
     for i in tqdm(ids, desc="03 geometric", leave=False):
         geo[i] = geometric_from_cfg(masks[i], kcfg, props)
     size = kcfg.input_size_px
-    squares = {i: to_square(clean[i], size) for i in ids}
+    # the network's input: each hand turned upright and framed (keypoints.network_view), in training and after
+    views = {i: network_view(clean[i], masks[i], *geo[i], kcfg) for i in ids}
 
     model = None if args.force else load_keypoint_model(model_dir, kcfg, device)
     if model is not None:
@@ -121,11 +124,11 @@ def main(cfg, args):
         imgs, pts, vis, wts = [], [], [], []
         n_manual = 0
         for i in sorted(train_ids):
-            sq, s = squares[i]
+            sq, back = views[i]
             if i in manual:
                 p, v = manual[i]
                 imgs.append(sq)
-                pts.append(np.nan_to_num(p) * s)
+                pts.append(np.nan_to_num(to_view(p, back)))
                 vis.append(v)
                 wts.append(3.0)
                 n_manual += 1
@@ -135,9 +138,9 @@ def main(cfg, args):
                   and np.isfinite(geo[i][0]).all()]
             ok = sorted(ok, key=lambda i: -geo[i][1])[: max(0, kcfg.max_pseudo_labels)]
             for i in sorted(ok):
-                sq, s = squares[i]
+                sq, back = views[i]
                 imgs.append(sq)
-                pts.append(geo[i][0] * s)
+                pts.append(to_view(geo[i][0], back))
                 vis.append(np.ones(3, bool))
                 wts.append(1.0)
                 n_pseudo += 1
@@ -156,9 +159,9 @@ def main(cfg, args):
         bs = 32
         for b in tqdm(range(0, len(ids), bs), desc="03 predict", leave=False):
             chunk = ids[b:b + bs]
-            out = predict_batch(model, [squares[i][0] for i in chunk], device)
+            out = predict_batch(model, [views[i][0] for i in chunk], device)
             for i, p in zip(chunk, out):
-                preds[i] = p / squares[i][1]
+                preds[i] = from_view(p, views[i][1])
 
     rows = []
     for i in ids:

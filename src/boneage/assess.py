@@ -537,6 +537,8 @@ def assess_image_full(image: np.ndarray, male: bool, models: LoadedModels, cfg, 
     clean, info = masks.clean_radiograph(image, mask, cfg.clean)
     if info.get("flag"):
         flags.append(f"clean: {info['flag']}")
+    if info.get("denoised"):
+        flags.append(f"clean: denoised (pixel noise sigma {info['noise_sigma']:.1f} grey levels)")
     t["clean"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     kp_mask = mask if info.get("flag") else info.get("mask", mask)

@@ -70,6 +70,7 @@ class SegmentConfig:
     refine_edge_work_px: float = 1.5
     predict_batch_size: int = 16
     polarity_retry_quality: float = 0.0  # masks below this (or a negative polarity score) are retried inverted
+    upright_retry_deg: float = 35.0  # a mask whose long axis is further off vertical is segmented again upright; 0: off
     invert_aug_p: float = 0.5  # share of training samples shown inverted: the U-Net learns both polarities
 
 
@@ -84,6 +85,9 @@ class CleanConfig:
     max_area_frac: float = 0.95  # a hand larger than this share of the image is implausible
     dilate_frac: float = 0.0  # grow the mask by this share of the long side before cutting the hand out
     min_quality: float = 0.25  # a mask below this quality (masks.mask_quality) is not used: radiograph kept whole
+    # estimated pixel noise (grey levels) above which non-local means runs before CLAHE (masks.denoise); 0: never
+    denoise_above_sigma: float = 3.0
+    denoise_strength: float = 1.0  # its h = strength x the estimated sigma
     qc_sheet_n: int = 48
 
 
@@ -116,6 +120,11 @@ class KeypointsConfig:
     tip_inset_frac: float = 0.03  # geometric: step from the soft-tissue tip toward the bone tip (x tip-palm length)
     capitate_along: float = 0.21  # geometric: capitate beyond the palm centre (x tip-palm length), rsna-half fit
     capitate_across: float = -0.02  # geometric: and across, toward the thumb side (x tip-palm length)
+    # the network reads the hand turned upright along the geometric axis (rotation robustness, issue 11);
+    # upright_min_confidence above 1 switches this off
+    upright_min_confidence: float = 0.5
+    upright_min_deg: float = 1.0
+    view_margin: float = 0.08  # the network's square: the mask's bounding box plus this share of its long side
 
 
 @dataclass

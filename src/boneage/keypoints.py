@@ -34,6 +34,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from boneage.masks import rotate_expanded
+
 log = logging.getLogger(__name__)
 
 POINTS = ("middle_tip", "thumb_tip", "capitate")
@@ -319,6 +321,67 @@ def to_square(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
     return out, scale
 
 
+def upright_angle(geo: np.ndarray, gconf: float, cfg) -> float:
+    """Rotation (radians, image coordinates) that turns the geometric capitate-to-middle-tip axis straight up, or 0
+    when the geometric guess is missing or below `cfg.upright_min_confidence`, or the hand is within
+    `cfg.upright_min_deg` of upright already."""
+    geo = np.asarray(geo, float).reshape(3, 2)
+    if gconf < cfg.upright_min_confidence or not np.isfinite(geo[[0, 2]]).all():
+        return 0.0
+    v = geo[0] - geo[2]
+    if np.hypot(*v) < 1e-6:
+        return 0.0
+    ang = float(np.arctan2(np.sin(-np.pi / 2 - np.arctan2(v[1], v[0])), np.cos(-np.pi / 2 - np.arctan2(v[1], v[0]))))
+    return ang if abs(np.degrees(ang)) >= cfg.upright_min_deg else 0.0
+
+
+def network_view(image: np.ndarray, mask: np.ndarray | None, geo: np.ndarray, gconf: float,
+                 cfg) -> tuple[np.ndarray, np.ndarray]:
+    """The keypoint network's square input and the 2x3 matrix taking its pixels back to the image's.
+
+    The hand is turned upright along the geometric axis (`upright_angle`; unturned when that guess is not
+    confident) and framed: a square around the mask's bounding box with `view_margin` of its long side on each
+    side. So the network sees every hand at the same angle and size whatever the film's rotation, size and
+    framing (issue 11, the stress test); training (stage 3) uses the same views."""
+    size = int(cfg.input_size_px)
+    ang = upright_angle(geo, gconf, cfg)
+    rot, M = rotate_expanded(image, ang) if ang != 0.0 else (image, np.array([[1, 0, 0], [0, 1, 0]], float))
+    rh, rw = rot.shape[:2]
+    m = None if mask is None else np.asarray(mask)
+    if m is not None and m.shape == image.shape[:2] and m.any():
+        ys, xs = np.nonzero(m[::2, ::2])
+        q = np.stack([xs * 2.0, ys * 2.0], 1) @ M[:, :2].T + M[:, 2]
+        (x0, y0), (x1, y1) = q.min(0), q.max(0) + 2
+    else:
+        x0, y0, x1, y1 = 0.0, 0.0, float(rw), float(rh)
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * float(cfg.view_margin))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    k = size / max(side, 1.0)
+    # one more affine step: rotated px -> square px; shrink by area averaging first (no aliasing)
+    pre = min(1.0, 2 * k)
+    if pre < 1.0:
+        rot = cv2.resize(rot, (max(1, round(rw * pre)), max(1, round(rh * pre))), interpolation=cv2.INTER_AREA)
+        pre_x, pre_y = rot.shape[1] / rw, rot.shape[0] / rh
+    else:
+        pre_x = pre_y = 1.0
+    S = np.array([[k / pre_x, 0, size / 2 - k * cx], [0, k / pre_y, size / 2 - k * cy]])
+    sq = cv2.warpAffine(rot, S, (size, size), flags=cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    fwd = np.vstack([[[k, 0, size / 2 - k * cx], [0, k, size / 2 - k * cy]], [0, 0, 1]]) @ np.vstack([M, [0, 0, 1]])
+    return sq, np.linalg.inv(fwd)[:2]
+
+
+def to_view(points: np.ndarray, back: np.ndarray) -> np.ndarray:
+    """(3, 2) image px -> network-input px (the inverse of `from_view`); NaN stays NaN."""
+    fwd = np.linalg.inv(np.vstack([back, [0, 0, 1]]))[:2]
+    return np.asarray(points, float) @ fwd[:, :2].T + fwd[:, 2]
+
+
+def from_view(points: np.ndarray, back: np.ndarray) -> np.ndarray:
+    """(3, 2) network-input px -> image px through `network_view`'s matrix."""
+    return np.asarray(points, float) @ back[:, :2].T + back[:, 2]
+
+
 def _tensor(images: list[np.ndarray], device):
     torch = _torch()
     x = torch.from_numpy(np.stack(images).astype(np.float32) / 255.0)[:, None]
@@ -515,8 +578,8 @@ def predict_keypoints(model, clean_image: np.ndarray, mask: np.ndarray, cfg, dev
     geo, gconf = geometric_from_cfg(mask, cfg, props) if mask is not None else (np.full((3, 2), np.nan), 0.0)
     if model is None:
         return geo, gconf, "geometric"
-    sq, scale = to_square(clean_image, cfg.input_size_px)
-    pts = predict_batch(model, [sq], device)[0] / scale
+    sq, back = network_view(clean_image, mask, geo, gconf, cfg)
+    pts = from_view(predict_batch(model, [sq], device)[0], back)
     return combine_model_geometric(pts, geo, gconf, mask)
 
 

@@ -262,9 +262,22 @@ def _full_image_alignment(shape, cfg) -> tuple[np.ndarray, dict]:
 
 
 def warp_to_canvas(image: np.ndarray, M: np.ndarray, cfg) -> np.ndarray:
+    """The radiograph on the canvas through M (2x3, image px -> canvas px).
+
+    `cv2.warpAffine` samples bilinearly and does not average when it shrinks (INTER_AREA is not supported
+    there), so a radiograph shrunk 3-5x onto the canvas kept its pixel noise, JPEG blocks and aliasing, and the
+    same hand at another resolution gave other crops (issue 11). A shrinking transform therefore first
+    area-averages the image down by its scale (`cv2.resize`, INTER_AREA), then warps at about 1:1."""
     Hc, Wc = canvas_size(cfg)
-    return cv2.warpAffine(image, M, (Wc, Hc), flags=cv2.INTER_AREA if M[0, 0] ** 2 + M[0, 1] ** 2 < 1 else
-                          cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    M = np.asarray(M, float)
+    s = float(np.sqrt(abs(np.linalg.det(M[:, :2]))))
+    h, w = image.shape[:2]
+    if 0 < s < 0.8:
+        sw, sh = max(1, round(w * s)), max(1, round(h * s))
+        image = cv2.resize(image, (sw, sh), interpolation=cv2.INTER_AREA)
+        a = np.array([w / sw, h / sh])  # small px u is original px (u + 0.5) * a - 0.5 (pixel centres)
+        M = np.hstack([M[:, :2] * a, (M[:, 2] + M[:, :2] @ (0.5 * (a - 1)))[:, None]])
+    return cv2.warpAffine(image, M, (Wc, Hc), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
 def register_radiograph(clean_image, points, confidence, mask, cfg, hand_length_stats=None) -> tuple[np.ndarray, dict]:

@@ -33,12 +33,15 @@ import torch
 import torch.nn.functional as F
 
 from boneage.masks import (
+    axis_tilt,
     classical_mask,
     exposed_field,
+    invert_affine,
     mask_quality,
     polarity_score,
     postprocess_mask,
     refine_edges,
+    rotate_expanded,
     select_hand_component,
 )
 
@@ -390,7 +393,38 @@ def predict_masks_with_raw(model: torch.nn.Module, images: list[np.ndarray], cfg
             q2 = mask_quality(pair2[1])[0]
             if q2 > quals[k] + 0.2:  # clearly more hand-like: quality alone also likes background blobs
                 pairs[k], quals[k] = pair2, q2
+    tilt_deg = float(getattr(cfg, "upright_retry_deg", 0.0))
+    if tilt_deg > 0:
+        for k, img in enumerate(images):
+            pairs[k], quals[k] = _upright_retry(model, img, pairs[k], quals[k], tilt_deg, cfg, device)
     return pairs
+
+
+def _upright_retry(model: torch.nn.Module, image: np.ndarray, pair: tuple[np.ndarray, np.ndarray], quality: float,
+                   tilt_deg: float, cfg, device) -> tuple[tuple[np.ndarray, np.ndarray], float]:
+    """The U-Net learnt upright hands (+-20 degrees of augmentation): a hand whose mask lies further off the
+    vertical is segmented again turned upright along the mask's long axis, both ways (fingers up or down), the
+    masks mapped back; the most hand-like of the three wins, the upright ones on a tie (issue 11: rotations)."""
+    mask = pair[1]
+    tilt = axis_tilt(mask) if mask.any() else 0.0
+    if abs(np.degrees(tilt)) <= tilt_deg:
+        return pair, quality
+    s = int(cfg.work_size_px)
+    h, w = image.shape[:2]
+    views = [rotate_expanded(image, a) for a in (tilt, tilt + np.pi)]
+    works = [to_work(v, s) for v, _ in views]
+    probs = predict_probs(model, np.stack([wk.image for wk in works]), device, 2)
+    best, best_q = pair, quality
+    for (v, M), wk, p in zip(views, works, probs):
+        raw_r, mask_r = prob_to_masks(p, wk.inner, wk.size, cfg, v)
+        back = invert_affine(M)
+        raw_b, mask_b = (cv2.warpAffine(m.astype(np.uint8), back, (w, h), flags=cv2.INTER_NEAREST) > 0
+                         for m in (raw_r, mask_r))
+        q = mask_quality(mask_b)[0]
+        margin = 0.05 if best is pair else 0.0  # the network's own view is preferred unless clearly worse
+        if q >= best_q - margin:
+            best, best_q = (raw_b, mask_b), q
+    return best, best_q
 
 
 def save_unet(model: torch.nn.Module, model_dir: Path) -> Path:

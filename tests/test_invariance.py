@@ -1,0 +1,230 @@
+"""The steps that make the chain see a radiograph the same way whatever its rotation, resolution and pixel noise
+(issue 11): noise estimate and denoising before CLAHE, the anti-aliased warp onto the canvas, the upright and
+framed view of the keypoint network, and the U-Net's upright retry."""
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from boneage.config import load_config
+from boneage.keypoints import from_view, network_view, to_view, upright_angle
+from boneage.masks import axis_tilt, clean_radiograph, denoise, invert_affine, noise_sigma, rotate_expanded
+from boneage.registration import transform_points, warp_to_canvas
+from boneage.segmentation import predict_masks_with_raw
+
+
+def smooth_image(h=400, w=320, seed=0):
+    """Smooth grey content (no pixel noise): a blurred random field plus a gradient, levels 40..200."""
+    rng = np.random.default_rng(seed)
+    f = cv2.GaussianBlur(rng.normal(0, 1, (h, w)).astype(np.float32), (0, 0), 12)
+    f = (f - f.min()) / (np.ptp(f) + 1e-6)
+    g = np.linspace(0, 1, w, dtype=np.float32)[None, :]
+    return np.clip(40 + 120 * f + 40 * g, 0, 255).astype(np.uint8)
+
+
+def add_noise(img, sigma, seed=1):
+    rng = np.random.default_rng(seed)
+    return np.clip(img.astype(np.float32) + rng.normal(0, sigma, img.shape), 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------- noise
+
+
+@pytest.mark.parametrize("sigma", [5.0, 10.0, 20.0])
+def test_noise_sigma_recovers_added_gaussian_noise(sigma):
+    img = add_noise(smooth_image(), sigma)
+    assert noise_sigma(img) == pytest.approx(sigma, rel=0.15)
+
+
+def test_noise_sigma_of_smooth_content_is_small():
+    assert noise_sigma(smooth_image()) < 1.0
+
+
+def test_denoise_leaves_clean_images_alone_and_cleans_noisy_ones():
+    clean = smooth_image()
+    out, s = denoise(clean, None, 3.0, 1.0)
+    assert out is clean and s < 1.0
+    noisy = add_noise(clean, 10.0)
+    out, s = denoise(noisy, None, 3.0, 1.0)
+    assert s > 8.0
+    err_before = np.abs(noisy.astype(float) - clean).mean()
+    err_after = np.abs(out.astype(float) - clean).mean()
+    assert err_after < 0.5 * err_before
+    assert noise_sigma(out) < 0.5 * s
+    # switched off
+    out, _ = denoise(noisy, None, 0.0, 1.0)
+    assert out is noisy
+
+
+def test_clean_radiograph_reports_denoising():
+    cfg = load_config(None).clean
+    img = np.zeros((300, 240), np.uint8)
+    mask = np.zeros_like(img, bool)
+    mask[40:260, 60:180] = True
+    img[mask] = smooth_image(300, 240)[mask]
+    _, info = clean_radiograph(img, mask, cfg)
+    assert not info["denoised"] and info["noise_sigma"] < 2.0
+    noisy = img.copy()
+    noisy[mask] = add_noise(img, 12.0)[mask]
+    _, info = clean_radiograph(noisy, mask, cfg)
+    assert info["denoised"] and info["noise_sigma"] > 9.0
+
+
+# ------------------------------------------------------------------------------------ canvas warp
+
+
+def test_warp_to_canvas_averages_when_it_shrinks():
+    cfg = load_config(None, ["register.canvas_scale=0.25"]).register  # canvas 520 x 400
+    rng = np.random.default_rng(0)
+    img = np.clip(128 + rng.normal(0, 30, (2000, 1600)), 0, 255).astype(np.uint8)
+    M = np.array([[0.25, 0, 0], [0, 0.25, 0]], float)
+    out = warp_to_canvas(img, M, cfg)
+    naive = cv2.warpAffine(img, M, (400, 520), flags=cv2.INTER_LINEAR)
+    # 4x4 area averaging divides the noise by about 4; bilinear sampling keeps most of it
+    inner = (slice(10, 490), slice(10, 390))  # the image covers 500 x 400 of the canvas
+    assert out[inner].std() < 10.0 < naive[inner].std()
+
+
+@pytest.mark.parametrize("scale,deg", [(0.25, 0.0), (0.2, 30.0), (0.5, -70.0), (1.5, 10.0)])
+def test_warp_to_canvas_puts_a_point_where_the_matrix_says(scale, deg):
+    cfg = load_config(None, ["register.canvas_scale=0.5"]).register  # canvas 1040 x 800
+    img = np.zeros((1200, 1000), np.uint8)
+    cv2.circle(img, (430, 610), 24, 255, -1)
+    a = math.radians(deg)
+    R = scale * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    t = np.array([400.0, 520.0]) - R @ np.array([500.0, 600.0])
+    M = np.hstack([R, t[:, None]])
+    out = warp_to_canvas(img, M, cfg).astype(float)
+    ys, xs = np.nonzero(out)
+    w = out[ys, xs]
+    centre = np.array([(xs * w).sum(), (ys * w).sum()]) / w.sum()
+    expected = transform_points(M, np.array([[430.0, 610.0]]))[0]
+    assert np.hypot(*(centre - expected)) < 0.6
+
+
+# ----------------------------------------------------------------------------- rotation helpers
+
+
+def test_rotate_expanded_keeps_every_pixel_and_maps_points():
+    img = np.zeros((300, 200), np.uint8)
+    img[10, 20] = img[290, 180] = 255
+    for deg in (37.0, 90.0, 180.0, -120.0):
+        rot, M = rotate_expanded(img, math.radians(deg), cv2.INTER_NEAREST)
+        assert 2 <= (rot == 255).sum() <= 6  # nearest-neighbour sampling may repeat a pixel
+        for p in ((20, 10), (180, 290)):
+            q = M[:, :2] @ np.array(p, float) + M[:, 2]
+            y, x = int(round(q[1])), int(round(q[0]))
+            assert rot[max(0, y - 1):y + 2, max(0, x - 1):x + 2].max() == 255
+            back = invert_affine(M)
+            assert np.allclose(back[:, :2] @ q + back[:, 2], p)
+
+
+@pytest.mark.parametrize("deg", [0.0, 30.0, -60.0, 85.0])
+def test_axis_tilt_turns_the_long_axis_vertical(deg):
+    m = np.zeros((600, 600), np.uint8)
+    box = cv2.boxPoints(((300.0, 300.0), (80.0, 400.0), deg))
+    cv2.fillPoly(m, [np.round(box).astype(np.int32)], 1)
+    tilt = axis_tilt(m > 0)
+    rot, _ = rotate_expanded(m * 255, tilt)
+    ys, xs = np.nonzero(rot > 127)
+    assert np.ptp(ys) > 4 * np.ptp(xs)
+
+
+# ---------------------------------------------------------------------------- keypoint network view
+
+
+def kcfg(**kw):
+    over = [f"keypoints.{k}={v}" for k, v in kw.items()]
+    return load_config(None, ["keypoints.input_size_px=128", *over]).keypoints
+
+
+def hand_scene(deg, h=700, w=600):
+    """A mask (palm disc and a long finger) and its tip / thumb / capitate points, rotated by `deg` about the
+    image centre."""
+    m = np.zeros((h, w), np.uint8)
+    cv2.circle(m, (300, 420), 110, 1, -1)
+    cv2.rectangle(m, (280, 150), (320, 420), 1, -1)
+    pts = np.array([[300.0, 155.0], [420.0, 330.0], [300.0, 500.0]])
+    R = cv2.getRotationMatrix2D((w / 2, h / 2), deg, 1.0)
+    m = cv2.warpAffine(m, R, (w, h), flags=cv2.INTER_NEAREST)
+    return m > 0, pts @ R[:, :2].T + R[:, 2]
+
+
+@pytest.mark.parametrize("deg", [0.0, 25.0, -90.0, 180.0, 135.0])
+def test_network_view_turns_the_hand_upright_and_frames_it(deg):
+    cfg = kcfg()
+    mask, pts = hand_scene(deg)
+    img = (mask * 200).astype(np.uint8)
+    sq, back = network_view(img, mask, pts, 1.0, cfg)
+    assert sq.shape == (128, 128)
+    v = to_view(pts, back)
+    tip, cap = v[0], v[2]
+    assert abs(tip[0] - cap[0]) < 1.0 and tip[1] < cap[1]  # tip straight above the capitate
+    # the same framing whatever the rotation: the hand's extent fills the square less its margins
+    ys, xs = np.nonzero(sq > 100)
+    assert 0.75 * 128 < max(np.ptp(ys), np.ptp(xs)) + 1 < 0.90 * 128
+    assert np.allclose(from_view(v, back), pts, atol=1e-6)
+
+
+def test_network_view_views_agree_across_rotations():
+    cfg = kcfg()
+    views = []
+    for deg in (0.0, 40.0, -90.0):
+        mask, pts = hand_scene(deg)
+        sq, back = network_view((mask * 200).astype(np.uint8), mask, pts, 1.0, cfg)
+        views.append((sq.astype(float), to_view(pts, back)))
+    for sq, v in views[1:]:
+        assert np.abs(sq - views[0][0]).mean() < 6.0
+        assert np.abs(v - views[0][1]).max() < 1.5
+
+
+def test_upright_angle_needs_a_confident_guess():
+    cfg = kcfg(upright_min_confidence=0.5, upright_min_deg=1.0)
+    _, pts = hand_scene(50.0)
+    assert abs(math.degrees(upright_angle(pts, 0.9, cfg)) - 50.0) < 0.5  # cv2's +50 is counter-clockwise
+    assert upright_angle(pts, 0.4, cfg) == 0.0
+    _, pts = hand_scene(0.5)
+    assert upright_angle(pts, 0.9, cfg) == 0.0
+    assert upright_angle(np.full((3, 2), np.nan), 1.0, cfg) == 0.0
+
+
+# ------------------------------------------------------------------------------ U-Net upright retry
+
+
+class UprightOnly(torch.nn.Module):
+    """A stand-in U-Net that, like the trained one, reads a hand well only when it is upright: it keeps the bright
+    pixels of an image whose bright region is clearly taller than wide, and otherwise only those in the
+    upper third of its bright rows (a partial mask)."""
+
+    def forward(self, x):
+        bright = (x > 0.3).float()
+        h = bright.amax(dim=3).sum(dim=(1, 2))
+        w = bright.amax(dim=2).sum(dim=(1, 2))
+        upright = (h > 1.3 * w).float()[:, None, None, None]
+        rows = bright.amax(dim=3, keepdim=True)
+        upper = (rows.cumsum(dim=2) <= 0.35 * rows.sum(dim=2, keepdim=True)).float()
+        keep = upright + (1 - upright) * upper
+        return (bright * keep - 0.5) * 20
+
+
+def test_upright_retry_finds_a_rotated_hand_and_maps_it_back():
+    cfg = load_config(None, ["segment.work_size_px=128"]).segment
+    mask, _ = hand_scene(0.0)
+    img = (mask * 200).astype(np.uint8)
+    model = UprightOnly()
+    _, upright = predict_masks_with_raw(model, [img], cfg, "cpu")[0]
+    mask70, _ = hand_scene(70.0)
+    img70 = (mask70 * 200).astype(np.uint8)
+    off = load_config(None, ["segment.work_size_px=128", "segment.upright_retry_deg=0"]).segment
+    _, without = predict_masks_with_raw(model, [img70], off, "cpu")[0]
+    _, with_retry = predict_masks_with_raw(model, [img70], cfg, "cpu")[0]
+
+    def iou(a, b):
+        return (a & b).sum() / max(1, (a | b).sum())
+
+    assert iou(upright, mask) > 0.8  # the stand-in works on upright hands
+    assert iou(without, mask70) < 0.6  # ... and not on a hand turned 70 degrees
+    assert iou(with_retry, mask70) > 0.8  # the retry reads it upright and maps the mask back
