@@ -243,11 +243,16 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     v["shift"] = (v["pred"].astype(float) - v["id"].map(orig["pred"].astype(float))).abs()
     v["raw_shift"] = (v["raw_pred"].astype(float) - v["id"].map(orig["raw_pred"].astype(float))).abs()
     v["rejected"] = v["status"] != "ok"
+    # what a user is shown: a number for the original and for the variant only when the self-check accepts both
+    v["both_ok"] = ~v["rejected"] & v["id"].map(orig["status"] == "ok").fillna(False).astype(bool)
 
     def agg(g: pd.DataFrame) -> pd.Series:
         s, rs = g["shift"].dropna(), g["raw_shift"].dropna()
+        acc = g.loc[g["both_ok"], "shift"].dropna()
         return pd.Series({"n": len(g), "median": s.median(), "p90": s.quantile(0.9), "max": s.max(),
                           "over12": (s > 12).mean(), "rejected": g["rejected"].mean(),
+                          "acc_n": len(acc), "acc_median": acc.median() if len(acc) else np.nan,
+                          "acc_over12": (acc > 12).mean() if len(acc) else np.nan,
                           "raw_median": rs.median() if len(rs) else np.nan,
                           "raw_p90": rs.quantile(0.9) if len(rs) else np.nan,
                           "raw_over12": (rs > 12).mean() if len(rs) else np.nan})
@@ -272,13 +277,16 @@ def to_markdown(summary: pd.DataFrame, rows: pd.DataFrame, args) -> str:
         f"Originals accepted by the self-check: {(orig['status'] == 'ok').mean():.0%}. "
         "Shift = |pred(variant) - pred(original)| in months (full method, numbers taken with force).", "",
         args.raw_note if not has_raw else f"Raw-radiograph model: `{args.compare_raw}` (input raw).", "",
-        "| transform | family | n | median | p90 | max | share > 12 mo | rejected |"
-        + (" raw median | raw p90 | raw > 12 mo |" if has_raw else ""),
-        "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- | --- |" if has_raw else ""),
+        "Accepted: the variants for which the self-check accepts both the original and the variant (what a user "
+        "is shown); their n, median shift and share > 12 months.", "",
+        "| transform | family | n | median | p90 | max | share > 12 mo | rejected | accepted n | accepted median "
+        "| accepted > 12 mo |" + (" raw median | raw p90 | raw > 12 mo |" if has_raw else ""),
+        "|" + " --- |" * (14 if has_raw else 11),
     ]
     for name, r in summary.iterrows():
         line = (f"| {name} | {r['family']} | {int(r['n'])} | {r['median']:.2f} | {r['p90']:.2f} | {r['max']:.1f} | "
-                f"{r['over12']:.0%} | {r['rejected']:.0%} |")
+                f"{r['over12']:.0%} | {r['rejected']:.0%} | {int(r['acc_n'])} | {r['acc_median']:.2f} | "
+                f"{r['acc_over12']:.0%} |")
         if has_raw:
             line += f" {r['raw_median']:.2f} | {r['raw_p90']:.2f} | {r['raw_over12']:.0%} |"
         lines.append(line)

@@ -53,3 +53,24 @@ def test_score_overall_by_sex_and_band():
     assert r["bands"]["0-5 y"] == {"n": 1, "mae": 2.0}
     with pytest.raises(ValueError, match="lacks 1"):
         score(sub.iloc[:3], labels)
+
+
+def test_stress_summary_shifts_and_accepted_columns():
+    stress = _load("stress")
+    rows = pd.DataFrame([
+        {"id": "a", "transform": "original", "family": "original", "pred": 100.0, "raw_pred": 90.0, "status": "ok"},
+        {"id": "b", "transform": "original", "family": "original", "pred": 50.0, "raw_pred": 60.0, "status": "ok"},
+        {"id": "c", "transform": "original", "family": "original", "pred": 70.0, "raw_pred": 70.0,
+         "status": "forced"},
+        {"id": "a", "transform": "rot+10", "family": "rotation", "pred": 102.0, "raw_pred": 110.0, "status": "ok"},
+        {"id": "b", "transform": "rot+10", "family": "rotation", "pred": 30.0, "raw_pred": 61.0, "status": "forced"},
+        {"id": "c", "transform": "rot+10", "family": "rotation", "pred": 71.0, "raw_pred": 70.0, "status": "ok"},
+    ])
+    summary = stress.summarise(rows)
+    r = summary.loc["rot+10"]
+    assert r["n"] == 3 and r["median"] == pytest.approx(2.0) and r["max"] == pytest.approx(20.0)
+    assert r["over12"] == pytest.approx(1 / 3) and r["rejected"] == pytest.approx(1 / 3)
+    # only a: b's variant is rejected, c's original is
+    assert r["acc_n"] == 1 and r["acc_median"] == pytest.approx(2.0) and r["acc_over12"] == 0.0
+    assert r["raw_median"] == pytest.approx(1.0)
+    assert summary.loc["**rotation** (all)", "n"] == 3

@@ -228,3 +228,13 @@ def test_upright_retry_finds_a_rotated_hand_and_maps_it_back():
     assert iou(upright, mask) > 0.8  # the stand-in works on upright hands
     assert iou(without, mask70) < 0.6  # ... and not on a hand turned 70 degrees
     assert iou(with_retry, mask70) > 0.8  # the retry reads it upright and maps the mask back
+
+
+def test_self_check_refuses_a_noisy_radiograph():
+    from boneage.assess import quality_score
+
+    cfg = load_config(None)
+    ok_q, ok_reasons = quality_score({"noise_sigma": 5.0}, cfg)  # rsna-half radiographs reach 6.3
+    assert ok_reasons == [] and ok_q == pytest.approx(1.0)
+    q, reasons = quality_score({"noise_sigma": 10.0}, cfg)
+    assert q < cfg.predict.min_quality and any(r.startswith("noise quality") for r in reasons)

@@ -358,12 +358,15 @@ def _decay(x: float, ok: float, scale: float) -> float:
 
 
 def extra_parts(qc: dict, parts: dict, cfg) -> dict:
-    """`parts` plus `regions` (spread between the regions' estimates) and `cls_spread` (the cls heads' width,
-    relative to the models' typical validation width when known, else in months), where the qc has them."""
+    """`parts` plus `regions` (spread between the regions' estimates), `noise` (pixel noise inside the hand) and
+    `cls_spread` (the cls heads' width, relative to the models' typical validation width when known, else in
+    months), where the qc has them."""
     p = cfg.predict
     parts = dict(parts)
     if qc.get("region_spread_months") is not None and "regions" not in parts:
         parts["regions"] = _decay(qc["region_spread_months"], p.region_spread_ok_months, p.region_spread_scale_months)
+    if qc.get("noise_sigma") is not None and "noise" not in parts:
+        parts["noise"] = _decay(qc["noise_sigma"], p.noise_ok_sigma, p.noise_scale_sigma)
     if "cls_spread" not in parts:
         if qc.get("cls_width_ratio") is not None:
             parts["cls_spread"] = _decay(qc["cls_width_ratio"], p.cls_width_ok_ratio, p.cls_width_ratio_scale)
@@ -595,6 +598,7 @@ def assess_image_full(image: np.ndarray, male: bool, models: LoadedModels, cfg, 
     ratios = [w / typ[n] for n, w, c in zip(names, W[0], is_cls) if c and np.isfinite(w) and typ.get(n, 0) > 0]
     cls_ratio = float(np.mean(ratios)) if ratios else None
     qc_in = {**img_qc, **shape_qc, "mask_area_frac": area, "quality_parts": parts,
+             "noise_sigma": float(info.get("noise_sigma", 0.0)),
              **({"region_spread_months": region_spread} if region_spread is not None else {}),
              **({"cls_width_months": cls_width} if cls_width is not None else {}),
              **({"cls_width_ratio": cls_ratio} if cls_ratio is not None else {})}
@@ -620,6 +624,7 @@ def assess_image_full(image: np.ndarray, male: bool, models: LoadedModels, cfg, 
             "region_spread_months": _r(region_spread), "cls_width_months": _r(cls_width),
             "cls_width_ratio": _r(cls_ratio, 3),
             "mask_quality": round(float(mask_q), 3), "mask_area_frac": round(area, 4),
+            "noise_sigma": round(float(info.get("noise_sigma", 0.0)), 2),
             "inverted": bool(info.get("inverted", False)) != bool(norm.get("input_inverted", False)),
             "input_range": norm.get("input_range"),
             "keypoint_confidence": round(float(_finite(kp_conf)), 3) if not math.isnan(_finite(kp_conf)) else None,
