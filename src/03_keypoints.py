@@ -30,6 +30,7 @@ from boneage.errors import StageInputError
 from boneage.fileio import atomic_write_csv, read_gray, read_mask
 from boneage.inputs import load_dataset
 from boneage.keypoints import (
+    INPUT_VIEW,
     combine_model_geometric,
     fit_geometric_proportions,
     from_view,
@@ -148,6 +149,7 @@ def main(cfg, args):
         if len(imgs) >= kcfg.min_train_images and kcfg.epochs > 0:
             model = train_model(imgs, pts, vis, kcfg, device, weights=wts)
             save_model(model, model_dir, {"n_manual": n_manual, "n_pseudo": n_pseudo, "input_size_px": size,
+                                          "input_view": INPUT_VIEW,
                                           "filters": list(kcfg.filters), "epochs": kcfg.epochs,
                                           "geometric_proportions": props or {}})
         else:

@@ -11,6 +11,7 @@ import torch
 
 from boneage.config import load_config
 from boneage.keypoints import (
+    INPUT_VIEW,
     augmenter,
     build_model,
     combine_model_geometric,
@@ -183,7 +184,10 @@ def test_train_save_load_predict(tmp_path):
     vis = [np.array([True, True, i % 2 == 0]) for i in range(8)]  # partial labels train too
     model = train_model(imgs, pts, vis, cfg, torch.device("cpu"))
     assert load_keypoint_model(tmp_path / "none", cfg, "cpu") is None
-    save_model(model, tmp_path / "kp", {"geometric_proportions": {"capitate_along": 0.25}})
+    # a network trained on another input (before the upright framed views) is not used
+    save_model(model, tmp_path / "old", {"geometric_proportions": {"capitate_along": 0.25}})
+    assert load_keypoint_model(tmp_path / "old", cfg, "cpu") is None
+    save_model(model, tmp_path / "kp", {"geometric_proportions": {"capitate_along": 0.25}, "input_view": INPUT_VIEW})
     loaded = load_keypoint_model(tmp_path / "kp", cfg, "cpu")
     assert loaded is not None and loaded.geometric_props == {"capitate_along": 0.25}
     img = np.where(m > 0, 150, 0).astype(np.uint8)

@@ -487,6 +487,7 @@ def predict_batch(model, images: list[np.ndarray], device) -> np.ndarray:
 
 
 MODEL_FILE = "model.pt"
+INPUT_VIEW = "upright_framed"  # meta.json: which input the network was trained on (network_view)
 
 
 def save_model(model, model_dir: Path, meta: dict) -> None:
@@ -514,11 +515,19 @@ def load_keypoint_model(model_dir: Path, cfg, device):
         log.warning("keypoints: %s does not fit the configured network (%s); ignored", path, str(exc)[:120])
         return None
     model = model.to(memory_format=torch.channels_last)  # about 2x faster convolutions on the CPU
-    meta = Path(model_dir) / "meta.json"
+    meta_path = Path(model_dir) / "meta.json"
     try:
-        model.geometric_props = json.loads(meta.read_text()).get("geometric_proportions") or None
+        meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
-        model.geometric_props = None
+        meta = {}
+    if meta.get("input_view") != INPUT_VIEW:
+        # trained on whole-image squares before the upright framed views (network_view): its points would be
+        # read through the wrong matrix, so it is not used (stage 3 trains a new one; predict.py falls back to
+        # the geometric points)
+        log.warning("keypoints: %s was trained on another input view (%s, now %s); ignored", path,
+                    meta.get("input_view", "whole-image squares"), INPUT_VIEW)
+        return None
+    model.geometric_props = meta.get("geometric_proportions") or None
     return model.to(device).eval()
 
 
