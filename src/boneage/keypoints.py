@@ -34,7 +34,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from boneage.masks import rotate_expanded
+from boneage.masks import invert_affine, rotate_expanded
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +331,7 @@ def upright_angle(geo: np.ndarray, gconf: float, cfg) -> float:
     v = geo[0] - geo[2]
     if np.hypot(*v) < 1e-6:
         return 0.0
-    ang = float(np.arctan2(np.sin(-np.pi / 2 - np.arctan2(v[1], v[0])), np.cos(-np.pi / 2 - np.arctan2(v[1], v[0]))))
+    ang = _wrap(-math.pi / 2 - math.atan2(v[1], v[0]))
     return ang if abs(np.degrees(ang)) >= cfg.upright_min_deg else 0.0
 
 
@@ -368,12 +368,12 @@ def network_view(image: np.ndarray, mask: np.ndarray | None, geo: np.ndarray, gc
     sq = cv2.warpAffine(rot, S, (size, size), flags=cv2.INTER_LINEAR,
                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     fwd = np.vstack([[[k, 0, size / 2 - k * cx], [0, k, size / 2 - k * cy]], [0, 0, 1]]) @ np.vstack([M, [0, 0, 1]])
-    return sq, np.linalg.inv(fwd)[:2]
+    return sq, invert_affine(fwd[:2])
 
 
 def to_view(points: np.ndarray, back: np.ndarray) -> np.ndarray:
     """(3, 2) image px -> network-input px (the inverse of `from_view`); NaN stays NaN."""
-    fwd = np.linalg.inv(np.vstack([back, [0, 0, 1]]))[:2]
+    fwd = invert_affine(back)
     return np.asarray(points, float) @ fwd[:, :2].T + fwd[:, 2]
 
 

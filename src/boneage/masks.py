@@ -512,6 +512,7 @@ def rotate_expanded(image: np.ndarray, angle: float,
 
 
 def invert_affine(M: np.ndarray) -> np.ndarray:
+    """The inverse of a 2x3 affine matrix, as 2x3."""
     return np.linalg.inv(np.vstack([np.asarray(M, float), [0, 0, 1]]))[:2]
 
 
