@@ -68,6 +68,13 @@ class SegmentConfig:
     # the border onto the soft-tissue edge within this many working pixels (masks.refine_edges; 0: off)
     clip_bright_bands: bool = True
     refine_edge_work_px: float = 1.5
+    # then, around each fingertip of the mask (masks.extend_fingertips), grow it into faint soft tissue brighter than
+    # the local background by k x its SD (at most this share of the hand length; 0: off), and optionally dilate a
+    # cap over each tip by fingertip_margin_frac of the long side (keypoints sit at the soft tissue's very tip; 0.01
+    # gains 0.3-0.9 pp of points inside on rsna-half but costs 0.01 median phantom IoU, so it is off)
+    fingertip_grow_frac: float = 0.03
+    fingertip_k_noise: float = 3.0
+    fingertip_margin_frac: float = 0.0
     predict_batch_size: int = 16
     polarity_retry_quality: float = 0.0  # masks below this (or a negative polarity score) are retried inverted
     upright_retry_deg: float = 35.0  # a mask whose long axis is further off vertical is segmented again upright; 0: off
@@ -127,6 +134,11 @@ class KeypointsConfig:
     upright_min_confidence: float = 0.5
     upright_min_deg: float = 1.0
     view_margin: float = 0.08  # the network's square: the mask's bounding box plus this share of its long side
+    # the network's answer must come back within view_consistent_frac of the hand length when the hand is turned
+    # upright along it and read again; else it reads the hand turned by each of these angles and keeps the answer
+    # that comes back best (keypoints.consistent_view_points); empty: off
+    view_angles_deg: list[float] = field(default_factory=lambda: [float(a) for a in range(0, 360, 30)])
+    view_consistent_frac: float = 0.05
 
 
 @dataclass
@@ -155,7 +167,10 @@ class RegisterConfig:
     # raw = the radiograph as read, clean = the cleaned radiograph (stages 1-2); both padded black to the
     # crop's aspect and resized whole, without registration
     baseline_inputs: list[str] = field(default_factory=list)
-    max_hand_length_z: float = 4.0  # hand length this many SDs from the data set's median: fallback
+    max_hand_length_z: float = 4.0  # hand length this many SDs above the data set's median: fallback
+    # and this many below it: infants' hands are far shorter than the median (rsna-half: 11 of 1,000 correct
+    # hands of 1-4 year olds at z -4.1 to -5.1); the short side's limit only catches points bunched together
+    max_hand_length_z_short: float = 6.5
     qc_sheet_n: int = 48
     min_confidence: float = 0.3  # keypoints below this confidence: mask-based fallback
     thumb_canvas_xy: list[float] = field(default_factory=lambda: [1515.0, 835.0])  # typical thumb tip (rsna-half)
@@ -196,7 +211,9 @@ class TrainConfig:
     aug_brightness: float = 0.1  # brightness and contrast limits (albumentations), 0: off
     cls_ce_weight: float = 1.0
     cls_label_sigma_months: float = 6.0  # soft label width for the classification head
-    tta: bool = False
+    tta: bool = False  # test-time augmentation: average over tta_views (boneage.training)
+    tta_scales: list[float] = field(default_factory=lambda: [1.0, 0.95, 1.05])
+    tta_shift: float = 0.0  # with tta: also the crop shifted diagonally by this share of its size, 4 ways
     amp: bool = True  # bf16 autocast on CUDA
     channels_last: bool = True
     compile: bool = False

@@ -421,6 +421,161 @@ def exposed_field(image: np.ndarray, min_cover: float = 0.85, max_tilt: float = 
     return field
 
 
+def hand_length(mask: np.ndarray) -> float:
+    """Extent (px) of a bool mask along its principal axis, 1st to 99th percentile of the projections; 0 when empty.
+    Where the forearm is cut by the image border this is the visible hand and forearm."""
+    ys, xs = np.nonzero(np.asarray(mask)[::2, ::2])
+    if len(xs) < 10:
+        return 0.0
+    a = axis_tilt(mask)
+    # axis_tilt turns the long axis vertical: the axis itself is the direction (sin a, cos a)
+    proj = np.sin(a) * xs + np.cos(a) * ys
+    lo, hi = np.percentile(proj, [1, 99])
+    return float(2.0 * (hi - lo))
+
+
+def _prominent_peaks(d: np.ndarray, min_prominence: float, half_window: int) -> list[int]:
+    """Indices of the local maxima of a closed (circular) profile whose topographic prominence is at least
+    `min_prominence`: the drop to the higher of the two lowest points met on the way to a higher value either way."""
+    n = len(d)
+    peaks = []
+    for i in range(n):
+        win = d[np.arange(i - half_window, i + half_window + 1) % n]
+        if d[i] < win.max() or (d[i] == win.max() and np.argmax(win) != half_window):
+            continue
+        lows = []
+        for step in (1, -1):
+            lo, j = d[i], i
+            for _ in range(n - 1):
+                j = (j + step) % n
+                if d[j] > d[i]:
+                    break
+                lo = min(lo, d[j])
+            lows.append(lo)
+        if d[i] - max(lows) >= min_prominence:
+            peaks.append(i)
+    return peaks
+
+
+def fingertips(mask: np.ndarray, min_prominence_frac: float = 0.025) -> np.ndarray:
+    """(k, 2) x, y points: the convex extremities of the hand's mask (fingertips, the thumb's tip, also a finger
+    the mask cut short): prominent local maxima, along the outer contour, of the distance from the palm's centre
+    (the deepest point of the mask), at least `min_prominence_frac` of the hand length above the valleys on either
+    side. Contour points on or beside the image border (the forearm cut by it) are not extremities. A fingertip
+    the mask joined to its neighbour (a bridged finger gap) is often no extremity and is not found."""
+    m = np.asarray(mask).astype(bool)
+    length = hand_length(m)
+    if length <= 0:
+        return np.zeros((0, 2), np.float32)
+    h, w = m.shape
+    s = min(1.0, 256.0 / max(h, w))
+    small = _small(m.astype(np.uint8) * 255, 256) > 127 if s < 1 else m
+    dt = cv2.distanceTransform(small.astype(np.uint8), cv2.DIST_L2, 5)
+    cy, cx = np.unravel_index(int(np.argmax(dt)), dt.shape)
+    centre = np.array([cx, cy], np.float64) / s
+    contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return np.zeros((0, 2), np.float32)
+    c = max(contours, key=cv2.contourArea)[:, 0, :].astype(np.float64)
+    step = max(1, len(c) // 600)
+    c = c[::step]
+    if len(c) < 8:
+        return np.zeros((0, 2), np.float32)
+    d = np.hypot(c[:, 0] - centre[0], c[:, 1] - centre[1])
+    d = np.convolve(np.r_[d[-2:], d, d[:2]], np.ones(5) / 5, mode="valid")  # light smoothing, circular
+
+    def near_border(b: float) -> np.ndarray:
+        return (c[:, 0] < b) | (c[:, 1] < b) | (c[:, 0] > w - 1 - b) | (c[:, 1] > h - 1 - b)
+
+    on_border = near_border(max(3.0, 0.01 * length))  # contour on the image border: the forearm (or a finger) cut by it
+    d = np.where(on_border, 0.0, d)
+    half = max(2, int(round(0.02 * length / step)))
+    n = len(c)
+    # peaks beside the border are corners where it cuts the mask (the forearm's), or the ragged end of a forearm
+    # that stops just short of it
+    edge = near_border(max(3.0, 0.03 * length))
+    idx = [i for i in _prominent_peaks(d, min_prominence_frac * length, half)
+           if not edge[i] and not on_border[np.arange(i - half, i + half + 1) % n].any()]
+    return c[idx].astype(np.float32).reshape(-1, 2)
+
+
+def _level_map(values: np.ndarray, weight: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(weighted local mean, weighted local SD, local weight density) with a Gaussian window of `sigma` px."""
+    wsum = cv2.GaussianBlur(weight, (0, 0), sigma)
+    den = np.maximum(wsum, 1e-6)
+    mean = cv2.GaussianBlur(values * weight, (0, 0), sigma) / den
+    sq = cv2.GaussianBlur(values * values * weight, (0, 0), sigma) / den
+    return mean, np.sqrt(np.maximum(sq - mean * mean, 0.0)), wsum
+
+
+def extend_fingertips(image: np.ndarray, mask: np.ndarray, max_frac: float = 0.03, k_noise: float = 3.0,
+                      tissue_frac: float = 0.25, margin_px: float = 0.0, zone_frac: float = 0.06,
+                      smooth_px: float = 1.5, tip_prominence_frac: float = 0.025) -> np.ndarray:
+    """Grow a hand mask at its fingertips into the faint soft tissue the network left out (low-contrast films).
+
+    Around each convex extremity of the mask (`fingertips`, within `zone_frac` of the hand length plus the growth
+    limit), pixels not farther than `max_frac` of the hand length from the mask join it when their (lightly
+    smoothed) intensity, on the side of the hand's polarity, is above the local background level plus the larger
+    of `k_noise` x the background's local SD and `tissue_frac` x (local soft-tissue level - background level), and
+    they connect to the mask. Levels are local (Gaussian windows of 6 % of the long side): the background from
+    pixels more than twice the growth limit outside the mask, the soft tissue from the mask's outer rim. Where
+    either level is missing, or the rim is not above the background, nothing grows. Then, with `margin_px` >= 1, a
+    cap over each tip of the grown mask (within max(2 x margin, 2 % of the hand length) of it, inside the zones)
+    is dilated by `margin_px` (fingertip keypoints are marked at the soft tissue's very tip, where it fades into
+    the background). The rest of the mask is unchanged; an empty mask is returned as it is. About 50 ms for a
+    half-size RSNA radiograph.
+    """
+    m = np.asarray(mask).astype(bool)
+    if not m.any() or (max_frac <= 0 and margin_px < 0.5) or image is None or image.shape != m.shape:
+        return m
+    tips = fingertips(m, tip_prominence_frac)
+    length = hand_length(m)
+    if len(tips) == 0 or length <= 0:
+        return m
+    h, w = m.shape
+    grow = max(1, int(round(max_frac * length))) if max_frac > 0 else 0
+    zone = np.zeros((h, w), np.uint8)
+    rz = max(2, int(round(zone_frac * length)) + grow)
+    for x, y in tips:
+        cv2.circle(zone, (int(round(x)), int(round(y))), rz, 1, -1)
+    zone = zone > 0
+    out = m
+    if grow >= 1:
+        d_out = cv2.distanceTransform((~m).astype(np.uint8), cv2.DIST_L2, 5)
+        d_in = cv2.distanceTransform(m.astype(np.uint8), cv2.DIST_L2, 5)
+        rim = m & (d_in <= max(1, grow // 2))
+        far = d_out > 2 * grow
+        img = image.astype(np.float32)
+        sign = -1.0 if far.any() and np.median(img[rim]) < np.median(img[far]) else 1.0
+        sm = cv2.GaussianBlur(img * sign, (0, 0), smooth_px) if smooth_px > 0.3 else img * sign
+        s = min(1.0, 256.0 / max(h, w))
+        size = (max(1, round(w * s)), max(1, round(h * s)))
+        down = (lambda a: cv2.resize(a, size, interpolation=cv2.INTER_AREA)) if s < 1 else (lambda a: a)
+        up = (lambda a: cv2.resize(a, (w, h), interpolation=cv2.INTER_LINEAR)) if s < 1 else (lambda a: a)
+        sig = 0.06 * max(size)
+        sm_s = down(sm)
+        bg, bg_sd, bg_w = _level_map(sm_s, down(far.astype(np.float32)), sig)
+        tis, _, tis_w = _level_map(sm_s, down(rim.astype(np.float32)), sig)
+        thr = bg + np.maximum(k_noise * bg_sd, tissue_frac * (tis - bg))
+        valid = (bg_w > 0.02) & (tis_w > 0.02) & (tis > bg)
+        thr = up(np.where(valid, thr, np.inf).astype(np.float32))
+        cand = (sm > thr) & (d_out <= grow) & zone & ~m
+        cand = cv2.morphologyEx(cand.astype(np.uint8), cv2.MORPH_OPEN, _disk(1)) > 0
+        if cand.any():
+            n, lab = cv2.connectedComponents((cand | m).astype(np.uint8), connectivity=8)
+            keep = np.unique(lab[m])
+            out = fill_holes(np.isin(lab, keep[keep > 0]))
+    r = int(round(margin_px))
+    if r >= 1:  # a cap of `margin_px` over each (new) tip, not along the fingers' sides
+        cap = np.zeros((h, w), np.uint8)
+        rc = max(2 * r, int(round(0.02 * length)))
+        for x, y in (fingertips(out, tip_prominence_frac) if out is not m else tips):
+            if zone[int(np.clip(round(y), 0, h - 1)), int(np.clip(round(x), 0, w - 1))]:
+                cv2.circle(cap, (int(round(x)), int(round(y))), rc, 1, -1)
+        out = out | ((cv2.dilate(out.astype(np.uint8), _disk(r)) > 0) & (cap > 0))
+    return out
+
+
 def _texture_ratio(grad: np.ndarray, mask: np.ndarray) -> float:
     """Mean gradient inside the mask (its border excluded) over the mean gradient outside it."""
     mu8 = mask.astype(np.uint8)

@@ -36,6 +36,7 @@ from boneage.masks import (
     axis_tilt,
     classical_mask,
     exposed_field,
+    extend_fingertips,
     invert_affine,
     mask_quality,
     polarity_score,
@@ -121,7 +122,9 @@ def prob_to_masks(prob: np.ndarray, inner: tuple[int, int], size: tuple[int, int
     The raw mask keeps every component (two hands stay two, which the self-check needs to see);
     the post-processed one keeps only the hand's. With the radiograph (`image`, uint8 at `size`), the
     post-processed mask is clipped to the exposed field (`segment.clip_bright_bands`) and, after the
-    optional dilation, its border is moved onto the soft-tissue edge (`segment.refine_edge_work_px`)."""
+    optional dilation, its border is moved onto the soft-tissue edge (`segment.refine_edge_work_px`); last, it is
+    grown at the fingertips into faint soft tissue (`segment.fingertip_grow_frac`, `fingertip_k_noise`,
+    `fingertip_margin_frac`; `masks.extend_fingertips`)."""
     nh, nw = inner
     h, w = size
     crop = np.ascontiguousarray(prob[:nh, :nw].astype(np.float32))
@@ -131,6 +134,12 @@ def prob_to_masks(prob: np.ndarray, inner: tuple[int, int], size: tuple[int, int
     band = round(float(getattr(cfg, "refine_edge_work_px", 0.0)) * max(h, w) / max(nh, nw))
     if image is not None and band >= 1:  # after the dilation: a mask a little too wide is pulled back to the edge
         hand = select_hand_component(refine_edges(image, hand, band) & field)
+    grow = float(getattr(cfg, "fingertip_grow_frac", 0.0))
+    margin = float(getattr(cfg, "fingertip_margin_frac", 0.0)) * max(h, w)
+    if image is not None and (grow > 0 or margin >= 0.5):  # faint fingertip soft tissue the network left out
+        hand = extend_fingertips(image, hand, grow, float(getattr(cfg, "fingertip_k_noise", 3.0)), margin_px=margin)
+        if not isinstance(field, bool):
+            hand = select_hand_component(hand & field)
     return raw, hand
 
 
