@@ -218,6 +218,9 @@ def run(args) -> pd.DataFrame:
         args.raw_note = "raw-radiograph column skipped: no --compare-raw model given (none trained yet)"
     df = pick_ids(Path(args.data), args.n)
     vs = variants(args.seed)
+    if args.transforms:
+        keep = {t.strip() for t in args.transforms.split(',')}
+        vs = [v for v in vs if v[0] in keep or v[1] in keep]
     rows = []
     t0 = time.perf_counter()
     for k, r in enumerate(df.itertuples(index=False)):
@@ -350,6 +353,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", help="reuse a stress_rows.csv instead of running the models")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--transforms", default="", help="comma-separated transform or family names (default: all)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out)

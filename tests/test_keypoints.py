@@ -1,6 +1,7 @@
 """Stage 3: partial-annotation loss, geometric bootstrap, the VGG regressor, augmentation that moves
 the points, the stage script end to end on phantoms (smoke profile), phantom keypoint accuracy."""
 
+import math
 from pathlib import Path
 
 import cv2
@@ -9,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from boneage import keypoints as K
 from boneage.config import load_config
 from boneage.keypoints import (
     INPUT_VIEW,
@@ -22,6 +24,7 @@ from boneage.keypoints import (
     points_plausible,
     predict_keypoints,
     save_model,
+    snap_to_mask,
     to_square,
     train_model,
 )
@@ -139,6 +142,90 @@ def test_combine_prefers_agreeing_geometric_tips():
     out, conf, src = combine_model_geometric(junk, geo, gconf, m)
     assert src == "geometric"
     np.testing.assert_allclose(out, geo)
+
+
+def test_network_points_just_off_the_mask_are_snapped_not_discarded():
+    """Soft-tissue tips a little past the mask's edge (low-contrast films): the points are moved onto the
+    hand and used with a middling confidence, instead of a confidence of 0.1 that sends the radiograph to the
+    mask fallback; a point far off the hand still fails."""
+    m = hand_mask()
+    pts = np.array([MIDDLE_SOFT_TIP + [0.0, -20.0], THUMB_SOFT_TIP + [25.0, 0.0], [410.0, 640.0]])
+    assert points_plausible(pts, m)[1] == "point_off_hand"
+    snapped = snap_to_mask(pts, m, 0.1)
+    assert snapped is not None and points_plausible(snapped, m)[0]
+    for q in snapped:
+        assert m[int(round(q[1])), int(round(q[0]))] > 0
+    assert np.hypot(*(snapped[0] - [430.0, 95.0])) < 3  # the middle tip lands on the fingertip's top
+    assert snapped[1][0] > 690  # the thumb tip stays at the thumb
+    np.testing.assert_allclose(snapped[2], pts[2])  # a point on the hand is not moved
+    no_geo = np.full((3, 2), np.nan)
+    out, conf, src = combine_model_geometric(pts, no_geo, 0.0, m)
+    np.testing.assert_allclose(out, snapped)
+    assert src == "model" and 0.3 < conf < 0.6
+    far = pts.copy()
+    far[1] = [790.0, 40.0]  # ~50 % of the hand length from the mask
+    assert snap_to_mask(far, m, 0.1) is None
+    assert combine_model_geometric(far, no_geo, 0.0, m)[1] == pytest.approx(0.1)
+    # a point outside the image is moved from the image's border
+    edge = pts - [0.0, 60.0]  # the same hand with the image's top 60 rows cut: the middle tip 35 px from the top
+    edge[0] = [430.0, -20.0]
+    got = snap_to_mask(edge, m[60:], 0.1)
+    assert got is not None and np.hypot(*(got[0] - [430.0, 35.0])) < 3
+
+
+def _turn(points, centre, ang):
+    """Points turned about `centre` so that their axis_upright_angle grows by `ang` (radians)."""
+    c, s_ = math.cos(ang), math.sin(ang)
+    d = np.asarray(points, float) - centre
+    return centre + d @ np.array([[c, s_], [-s_, c]]).T
+
+
+def fake_reader(truth, centre, reads_within_deg=20.0, upside_down=False):
+    """A stand-in for the keypoint network turned by each angle: it reads the hand (the true points, off by a
+    pixel) only in views within `reads_within_deg` of upright; elsewhere it answers an upright-looking layout
+    that is not the hand and tilts with the view. With `upside_down` it also reads the hand turned 180 degrees,
+    answering the mirror-free upside-down reading (tip and capitate swapped) there."""
+    u = K.axis_upright_angle(truth)
+
+    def read(model, image, mask, angles, cfg, device):
+        out = []
+        for a in angles:
+            off = math.degrees(K._wrap(a - u))
+            if abs(off) < reads_within_deg:
+                out.append(truth + 1.0)
+            elif upside_down and abs(abs(off) - 180.0) < reads_within_deg:
+                out.append(truth[[2, 1, 0]] + 1.0)
+            else:
+                junk = np.array([[0.0, -250.0], [150.0, -50.0], [0.0, 120.0]]) + centre  # upright at angle 0
+                out.append(_turn(junk, centre, K._wrap(a + math.radians(35.0))))
+        return out
+    return read
+
+
+@pytest.mark.parametrize("turn_deg", [0.0, 45.0, 150.0, -100.0])
+def test_consistent_view_points_finds_the_view_the_network_reads(monkeypatch, turn_deg):
+    """A first answer that comes back on a second reading is kept; one that does not (the geometric axis
+    turned the hand where the network cannot read it) is replaced by the reading of the view that comes back;
+    an upside-down fixed point is refused by the mask's finger end; a network that reads nothing leaves the first."""
+    m = np.zeros((1400, 1400), np.uint8)
+    m[200:1000, 300:1100] = hand_mask(800, 800)  # room to turn: the forearm ends 200 px inside the image
+    centre = np.array([700.0, 650.0])
+    R = cv2.getRotationMatrix2D(tuple(centre), turn_deg, 1.0)
+    m = cv2.warpAffine(m, R, (m.shape[1], m.shape[0]), flags=cv2.INTER_NEAREST)
+    truth = np.array([[730.0, 320.0], [990.0, 630.0], [710.0, 840.0]]) @ R[:, :2].T + R[:, 2]
+    cfg = kcfg()
+    assert len(cfg.view_angles_deg) >= 8
+    monkeypatch.setattr(K, "_read_turned", fake_reader(truth, centre, upside_down=True))
+    pts, searched = K.consistent_view_points(None, m, m, truth + 1.0, cfg, "cpu")
+    assert not searched and np.allclose(pts, truth + 1.0)
+    junk = K._read_turned(None, m, m, [K.axis_upright_angle(truth) + 2.0], cfg, "cpu")[0]
+    pts, searched = K.consistent_view_points(None, m, m, junk, cfg, "cpu")
+    assert searched and np.abs(pts - truth).max() < 2.0
+    assert K.fingers_behind(truth[[2, 1, 0]], m) and not K.fingers_behind(truth, m)
+    monkeypatch.setattr(K, "_read_turned", fake_reader(truth, centre, reads_within_deg=0.0))
+    pts, searched = K.consistent_view_points(None, m, m, junk, cfg, "cpu")
+    assert not searched and np.allclose(pts, junk)
+    assert K.consistent_view_points(None, m, m, junk, kcfg(view_angles_deg="[]"), "cpu") == (junk, False)
 
 
 # ------------------------------------------------------------------------------------ network

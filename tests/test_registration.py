@@ -171,6 +171,12 @@ def test_hand_length_stats_and_check_points():
     assert st["median_px"] == pytest.approx(math.hypot(*(LEFT[0] - LEFT[2])), rel=0.02)
     assert check_points(LEFT, 0.9, None, rcfg(), st) == ""
     assert check_points(LEFT * 3, 0.9, None, rcfg(), st).startswith("hand_length_z")
+    # the short side is more lenient: an infant's hand is far shorter than the median, not wrong
+    log_sd = st["log_sd"]
+    small = LEFT * math.exp(-5.0 * log_sd)  # z = -5: above the long side's limit of 4, within the short side's
+    assert check_points(LEFT * math.exp(5.0 * log_sd), 0.9, None, rcfg(), st).startswith("hand_length_z")
+    assert check_points(small, 0.9, None, rcfg(), st) == ""
+    assert check_points(LEFT * math.exp(-8.0 * log_sd), 0.9, None, rcfg(), st).startswith("hand_length_z")
     assert hand_length_stats(pts[:3]) is None
 
 

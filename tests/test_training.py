@@ -11,6 +11,8 @@ import torch
 
 from boneage.config import load_config
 from boneage.errors import ConfigError, StageInputError
+from boneage.models import decode_output
+from boneage.training import _zoom as zoom
 from boneage.training import (
     list_model_specs,
     load_fold_models,
@@ -19,6 +21,7 @@ from boneage.training import (
     predict_crop,
     read_folds,
     train_all,
+    tta_views,
 )
 
 torch.set_num_threads(1)  # tiny models: one thread is fastest
@@ -176,6 +179,40 @@ def test_inference_in_eval_mode_without_pickle(tmp_path):
     a, _ = predict_batch(models[0].train(), x, torch.ones(2), "cls", cfg.train, torch.device("cpu"))
     b, _ = predict_batch(models[0].train(), x, torch.ones(2), "cls", cfg.train, torch.device("cpu"))
     assert np.array_equal(a, b)
+
+
+def test_tta_views_shift_the_crop_and_average_in_one_batch():
+    """Test-time views: the identity when off; the crop plus four diagonal shifts per scale when on; a shift
+    moves the content by that share of the crop in the stated direction; predict_batch gives the mean of the
+    views' outputs."""
+    from types import SimpleNamespace
+
+    off = SimpleNamespace(tta=False, tta_shift=0.02, tta_scales=[1.0])
+    assert tta_views(off) == [(1.0, 0.0, 0.0)]
+    on = SimpleNamespace(tta=True, tta_shift=0.1, tta_scales=[0.97, 1.0])
+    views = tta_views(on)
+    assert len(views) == 10 and (1.0, 0.0, 0.0) in views and (0.97, -0.1, 0.1) in views
+    x = torch.zeros(1, 1, 40, 40)
+    x[0, 0, 18:22, 18:22] = 1.0  # a bright square at the centre
+    moved = zoom(x, 1.0, 0.1, -0.1)[0, 0]  # right by 4 px, up by 4 px
+    ys, xs = torch.nonzero(moved > 0.5, as_tuple=True)
+    assert float(xs.float().mean()) == pytest.approx(23.5, abs=0.6)
+    assert float(ys.float().mean()) == pytest.approx(15.5, abs=0.6)
+
+    class Probe(torch.nn.Module):  # the output is the mean brightness of the right half, so views differ
+        def forward(self, x, male):
+            return (x[:, :, :, x.shape[-1] // 2:].mean((1, 2, 3)) + 0.1 * male)[:, None]
+
+    img = torch.rand(3, 1, 40, 40)
+    male = torch.tensor([1.0, 0.0, 1.0])
+    tcfg = SimpleNamespace(tta=True, tta_shift=0.1, tta_scales=[1.0], amp=False, channels_last=False)
+    got, _ = predict_batch(Probe(), img, male, "reg", tcfg, torch.device("cpu"))
+    want = np.mean([decode_output(Probe()(zoom(img, s, a, b), male), "reg")[0].numpy()
+                    for s, a, b in tta_views(tcfg)], 0)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    plain, _ = predict_batch(Probe(), img, male, "reg", SimpleNamespace(**{**vars(tcfg), "tta": False}),
+                             torch.device("cpu"))
+    assert not np.allclose(got, plain)
 
 
 def test_missing_inputs_name_the_file(tmp_path):

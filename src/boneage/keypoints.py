@@ -343,8 +343,12 @@ def network_view(image: np.ndarray, mask: np.ndarray | None, geo: np.ndarray, gc
     confident) and framed: a square around the mask's bounding box with `view_margin` of its long side on each
     side. So the network sees every hand at the same angle and size whatever the film's rotation, size and
     framing (issue 11, the stress test); training (stage 3) uses the same views."""
+    return view_at_angle(image, mask, upright_angle(geo, gconf, cfg), cfg)
+
+
+def view_at_angle(image: np.ndarray, mask: np.ndarray | None, ang: float, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """`network_view` with the image turned by `ang` (radians, `upright_angle`'s convention) instead."""
     size = int(cfg.input_size_px)
-    ang = upright_angle(geo, gconf, cfg)
     rot, M = rotate_expanded(image, ang) if ang != 0.0 else (image, np.array([[1, 0, 0], [0, 1, 0]], float))
     rh, rw = rot.shape[:2]
     m = None if mask is None else np.asarray(mask)
@@ -575,6 +579,124 @@ def points_plausible(points: np.ndarray, mask: np.ndarray | None = None) -> tupl
     return True, ""
 
 
+SNAP_MAX_FRAC = 0.1  # a network point at most this share of the hand length off the mask is moved onto it
+SNAP_CONFIDENCE = 0.45  # the confidence of such snapped points: above registration's min_confidence, below agreement
+
+
+def snap_to_mask(points: np.ndarray, mask: np.ndarray | None, max_frac: float) -> np.ndarray | None:
+    """(3, 2) points with each point off the mask moved to the nearest mask pixel, or None when a point lies
+    farther than `max_frac` of the tip-to-capitate length from the mask (or there is no mask).
+
+    The network places fingertips on the soft-tissue tip, which on low-contrast films lies a little past the
+    mask's edge; such a point is right for registration once it sits on the hand, while a mask-based fallback
+    for the whole radiograph reads these films far worse (session-4 notes, bench/notes/keypoints.md)."""
+    p = np.asarray(points, float).reshape(3, 2).copy()
+    if mask is None or not np.isfinite(p).all():
+        return None
+    m = np.asarray(mask) > 0
+    if not m.any():
+        return None
+    L = float(np.hypot(*(p[0] - p[2])))
+    h, w = m.shape
+    inv = np.pad((~m).astype(np.uint8), 1, constant_values=1)
+    dist, lab = cv2.distanceTransformWithLabels(inv, cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL)
+    # the nearest zero pixel (a mask pixel) of each label
+    zy, zx = np.nonzero(inv == 0)
+    lut = np.zeros(int(lab.max()) + 1, np.int64)
+    lut[lab[zy, zx]] = np.arange(len(zy))
+    for i, (x, y) in enumerate(p):
+        xi, yi = int(round(x)), int(round(y))
+        if 0 <= xi < w and 0 <= yi < h and m[yi, xi]:
+            continue
+        xc, yc = min(max(xi, -1), w), min(max(yi, -1), h)  # outside the image: start from its border
+        j = lut[lab[yc + 1, xc + 1]]
+        q = np.array([zx[j] - 1.0, zy[j] - 1.0])
+        if np.hypot(*(q - p[i])) > max_frac * max(L, 1.0):
+            return None
+        p[i] = q
+    return p
+
+
+def axis_upright_angle(points: np.ndarray) -> float:
+    """The rotation (radians, `upright_angle`'s convention) that turns these points' capitate-to-middle-tip axis
+    straight up; NaN when they are missing or coincide."""
+    p = np.asarray(points, float).reshape(3, 2)
+    v = p[0] - p[2]
+    if not np.isfinite(v).all() or np.hypot(*v) < 1e-6:
+        return float("nan")
+    return _wrap(-math.pi / 2 - math.atan2(v[1], v[0]))
+
+
+def fingers_behind(points: np.ndarray, mask) -> bool:
+    """True when the mask says the fingers lie on the capitate's side, not the middle tip's: rows across the hand
+    cross several fingers near the finger end and one forearm near the other (`registration._finger_end_sign`).
+    A network reading an upside-down hand finds that reading again when turned along it; this tells it apart."""
+    from boneage.registration import _finger_end_sign  # registration imports this module
+
+    p = np.asarray(points, float).reshape(3, 2)
+    m = None if mask is None else np.asarray(mask) > 0
+    v = p[0] - p[2]
+    if m is None or not m.any() or not np.isfinite(v).all() or np.hypot(*v) < 1e-6:
+        return False
+    ys, xs = np.nonzero(m[::4, ::4])
+    mu = np.array([xs.mean() * 4.0, ys.mean() * 4.0])
+    return _finger_end_sign(m, v / np.hypot(*v), mu) < 0
+
+
+def _usable(points: np.ndarray, mask) -> bool:
+    """Plausible points (or points only a little off the hand, which `snap_to_mask` moves on) whose middle tip lies
+    at the fingers' end of the hand."""
+    ok, why = points_plausible(points, mask)
+    if not ok and why == "point_off_hand":
+        snapped = snap_to_mask(points, mask, SNAP_MAX_FRAC)
+        ok = snapped is not None and points_plausible(snapped, mask)[0]
+    return ok and not fingers_behind(points, mask)
+
+
+def _read_turned(model, image, mask, angles: list[float], cfg, device) -> list[np.ndarray]:
+    views = [view_at_angle(image, mask, a, cfg) for a in angles]
+    out = predict_batch(model, [v[0] for v in views], device)
+    return [from_view(o, back) for o, (_, back) in zip(out, views)]
+
+
+def fixed_point_gap(points: np.ndarray, again: np.ndarray) -> float:
+    """Largest distance between two readings of the same hand, in shares of the first's tip-to-capitate length."""
+    p, q = np.asarray(points, float).reshape(3, 2), np.asarray(again, float).reshape(3, 2)
+    L = float(np.hypot(*(p[0] - p[2])))
+    d = np.hypot(*(p - q).T)
+    return float(d.max() / L) if L > 1e-6 and np.isfinite(d).all() else float("inf")
+
+
+def consistent_view_points(model, image: np.ndarray, mask: np.ndarray | None, first: np.ndarray, cfg,
+                           device) -> tuple[np.ndarray, bool]:
+    """(points, searched). The network, trained on upright hands, puts an upright layout into every view, read or
+    not; what it read it finds again. So each answer is checked as a fixed point: the hand is turned exactly
+    upright along the answer's own tip-to-capitate axis and read once more; an answer that moves less than
+    `cfg.view_consistent_frac` of the hand length is kept. The first view's answer is kept when it passes.
+    Otherwise the network reads the hand turned by each of `cfg.view_angles_deg`, and the answer that moves
+    least on its second reading wins (its second reading is returned), if it passes; else the first answer.
+    A hand the geometric guess turned wrongly (a film at 45 degrees, a mask without the forearm) is still
+    read in a view the network knows. `searched`: the first answer failed and the search found another."""
+    angles = [math.radians(float(a)) for a in getattr(cfg, "view_angles_deg", [])]
+    limit = float(getattr(cfg, "view_consistent_frac", 0.05))
+    u = axis_upright_angle(first)
+    if not angles or math.isnan(u):
+        return first, False
+    again = _read_turned(model, image, mask, [u], cfg, device)[0]
+    if _usable(first, mask) and fixed_point_gap(first, again) <= limit:
+        return first, False
+    cands = _read_turned(model, image, mask, angles, cfg, device)
+    ok = [c for c in cands if not math.isnan(axis_upright_angle(c))]
+    if not ok:
+        return first, False
+    seconds = _read_turned(model, image, mask, [axis_upright_angle(c) for c in ok], cfg, device)
+    scored = sorted(((fixed_point_gap(c, d), k) for k, (c, d) in enumerate(zip(ok, seconds))
+                     if _usable(d, mask)), key=lambda t: t[0])
+    if not scored or scored[0][0] > limit:
+        return first, False
+    return seconds[scored[0][1]], True
+
+
 def predict_keypoints(model, clean_image: np.ndarray, mask: np.ndarray, cfg, device) -> tuple[np.ndarray, float, str]:
     """(3, 2) points in image px, confidence 0..1, source ('model' or 'geometric').
 
@@ -589,7 +711,9 @@ def predict_keypoints(model, clean_image: np.ndarray, mask: np.ndarray, cfg, dev
         return geo, gconf, "geometric"
     sq, back = network_view(clean_image, mask, geo, gconf, cfg)
     pts = from_view(predict_batch(model, [sq], device)[0], back)
-    return combine_model_geometric(pts, geo, gconf, mask)
+    pts, searched = consistent_view_points(model, clean_image, mask, pts, cfg, device)
+    # the geometric axis turned the hand where the network could not read it: its layout is suspect
+    return combine_model_geometric(pts, geo, min(gconf, 0.5) if searched else gconf, mask)
 
 
 def combine_model_geometric(pts: np.ndarray, geo: np.ndarray, gconf: float, mask) -> tuple[np.ndarray, float, str]:
@@ -602,11 +726,15 @@ def combine_model_geometric(pts: np.ndarray, geo: np.ndarray, gconf: float, mask
     elsewhere the network's points. Confidence: high on agreement, lower on disagreement.
     """
     agree_frac = 0.05
-    ok, _ = points_plausible(pts, mask)
+    ok, why = points_plausible(pts, mask)
     gok = bool(np.isfinite(geo).all()) and points_plausible(geo, mask)[0]
     if not ok:
         if gok and gconf >= 0.5:
             return geo, gconf * 0.8, "geometric"
+        if why == "point_off_hand":
+            snapped = snap_to_mask(pts, mask, SNAP_MAX_FRAC)
+            if snapped is not None and points_plausible(snapped, mask)[0]:
+                return snapped, SNAP_CONFIDENCE, "model"
         return pts, 0.1, "model"
     out = pts.copy()
     L = float(np.hypot(*(pts[0] - pts[2])))

@@ -134,9 +134,9 @@ def check_points(points, confidence: float, mask, cfg, stats: dict | None) -> st
         return why
     if stats:
         L = float(np.hypot(*(p[0] - p[2])))
-        z = abs(math.log(L) - math.log(stats["median_px"])) / stats["log_sd"]
-        if z > cfg.max_hand_length_z:
-            return f"hand_length_z:{z:.1f}"
+        z = (math.log(L) - math.log(stats["median_px"])) / stats["log_sd"]
+        if z > cfg.max_hand_length_z or -z > getattr(cfg, "max_hand_length_z_short", cfg.max_hand_length_z):
+            return f"hand_length_z:{abs(z):.1f}"
     return ""
 
 
@@ -210,9 +210,11 @@ def _occupancy(m: np.ndarray, along: np.ndarray, across: np.ndarray, mu: np.ndar
     b = (P - mu) @ across
     ai = ((a - a.min()) / px).astype(int)
     bi = ((b - b.min()) / px).astype(int)
-    grid = np.zeros((ai.max() + 1, bi.max() + 1), bool)
-    grid[ai, bi] = True
-    return grid
+    grid = np.zeros((ai.max() + 1, bi.max() + 1), np.uint8)
+    grid[ai, bi] = 1
+    # pixel centres turned off the image's axes leave empty cells between them (at 45 degrees, every other
+    # cell): close those one-cell holes, or every row seems to cross several fingers
+    return cv2.morphologyEx(grid, cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8)) > 0
 
 
 def _finger_end_sign(m: np.ndarray, e1: np.ndarray, mu: np.ndarray) -> int:
