@@ -31,7 +31,7 @@ from boneage.fileio import atomic_write_csv, read_gray, read_mask
 from boneage.inputs import load_dataset
 from boneage.keypoints import (
     INPUT_VIEW,
-    combine_model_geometric,
+    finish_network_points,
     fit_geometric_proportions,
     from_view,
     geometric_from_cfg,
@@ -169,7 +169,7 @@ def main(cfg, args):
     for i in ids:
         gp, gc = geo[i]
         if i in preds:
-            p, conf, src = combine_model_geometric(preds[i], gp, gc, masks[i])
+            p, conf, src = finish_network_points(model, clean[i], masks[i], preds[i], gp, gc, kcfg, device)
         else:
             p, conf, src = gp, gc, "geometric"
         if i in manual:

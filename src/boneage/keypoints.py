@@ -711,6 +711,14 @@ def predict_keypoints(model, clean_image: np.ndarray, mask: np.ndarray, cfg, dev
         return geo, gconf, "geometric"
     sq, back = network_view(clean_image, mask, geo, gconf, cfg)
     pts = from_view(predict_batch(model, [sq], device)[0], back)
+    return finish_network_points(model, clean_image, mask, pts, geo, gconf, cfg, device)
+
+
+def finish_network_points(model, clean_image: np.ndarray, mask, pts: np.ndarray, geo: np.ndarray, gconf: float, cfg,
+                          device) -> tuple[np.ndarray, float, str]:
+    """The network's first answer (image px) -> (points, confidence, source), as stage 3 and predict.py both
+    finish it: checked as a fixed point with a search over turned views (`consistent_view_points`), then fused
+    with the geometric guess (`combine_model_geometric`)."""
     pts, searched = consistent_view_points(model, clean_image, mask, pts, cfg, device)
     # the geometric axis turned the hand where the network could not read it: its layout is suspect
     return combine_model_geometric(pts, geo, min(gconf, 0.5) if searched else gconf, mask)
