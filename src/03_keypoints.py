@@ -39,6 +39,7 @@ from boneage.keypoints import (
     network_view,
     predict_batch,
     save_model,
+    second_readings,
     to_view,
     train_model,
 )
@@ -164,12 +165,16 @@ def main(cfg, args):
             out = predict_batch(model, [views[i][0] for i in chunk], device)
             for i, p in zip(chunk, out):
                 preds[i] = from_view(p, views[i][1])
+        pids = list(preds)
+        agains = dict(zip(pids, second_readings(model, [clean[i] for i in pids], [masks[i] for i in pids],
+                                                [preds[i] for i in pids], kcfg, device)))
 
     rows = []
     for i in ids:
         gp, gc = geo[i]
         if i in preds:
-            p, conf, src = finish_network_points(model, clean[i], masks[i], preds[i], gp, gc, kcfg, device)
+            p, conf, src = finish_network_points(model, clean[i], masks[i], preds[i], gp, gc, kcfg, device,
+                                                 agains[i])
         else:
             p, conf, src = gp, gc, "geometric"
         if i in manual:

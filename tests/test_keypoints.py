@@ -228,6 +228,22 @@ def test_consistent_view_points_finds_the_view_the_network_reads(monkeypatch, tu
     assert K.consistent_view_points(None, m, m, junk, kcfg(view_angles_deg="[]"), "cpu") == (junk, False)
 
 
+def test_second_readings_in_batches_match_one_by_one():
+    """Stage 3 batches the fixed-point check's second readings; they equal reading each hand on its own."""
+    cfg = kcfg(input_size_px=64, filters="[8, 8, 16]")
+    net = build_model(cfg).eval()
+    m = hand_mask()
+    img = (m // 2).astype(np.uint8)
+    firsts = [np.array([[430.0, 120.0], [690.0, 430.0], [410.0, 640.0]]) + d for d in (0.0, 15.0, -20.0)]
+    firsts.append(np.full((3, 2), np.nan))  # no axis: no second reading
+    got = K.second_readings(net, [img] * 4, [m] * 4, firsts, cfg, "cpu", batch=2)
+    for f, g in zip(firsts[:3], got[:3]):
+        one = K._read_turned(net, img, m, [K.axis_upright_angle(f)], cfg, "cpu")[0]
+        np.testing.assert_allclose(g, one, atol=1e-3)
+    assert got[3] is None
+    assert K.second_readings(net, [img], [m], firsts[:1], kcfg(view_angles_deg="[]"), "cpu") == [None]
+
+
 # ------------------------------------------------------------------------------------ network
 def test_model_shapes_and_to_square():
     cfg = kcfg(input_size_px=64, filters="[8, 8, 16]")

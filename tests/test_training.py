@@ -213,6 +213,12 @@ def test_tta_views_shift_the_crop_and_average_in_one_batch():
     plain, _ = predict_batch(Probe(), img, male, "reg", SimpleNamespace(**{**vars(tcfg), "tta": False}),
                              torch.device("cpu"))
     assert not np.allclose(got, plain)
+    # a loader-sized batch runs the views in several passes (at most 64 images each), with the same result
+    big, big_male = torch.rand(40, 1, 40, 40), (torch.rand(40) > 0.5).float()
+    got, _ = predict_batch(Probe(), big, big_male, "reg", tcfg, torch.device("cpu"))
+    want = np.mean([decode_output(Probe()(zoom(big, s, a, b), big_male), "reg")[0].numpy()
+                    for s, a, b in tta_views(tcfg)], 0)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_missing_inputs_name_the_file(tmp_path):

@@ -643,13 +643,20 @@ def fingers_behind(points: np.ndarray, mask) -> bool:
     return _finger_end_sign(m, v / np.hypot(*v), mu) < 0
 
 
+def snapped_if_off_hand(points: np.ndarray, mask) -> np.ndarray | None:
+    """Points only a little off the hand (`points_plausible`'s `point_off_hand`) moved onto it by `snap_to_mask`,
+    when that makes them plausible; else None."""
+    ok, why = points_plausible(points, mask)
+    if ok or why != "point_off_hand":
+        return None
+    snapped = snap_to_mask(points, mask, SNAP_MAX_FRAC)
+    return snapped if snapped is not None and points_plausible(snapped, mask)[0] else None
+
+
 def _usable(points: np.ndarray, mask) -> bool:
     """Plausible points (or points only a little off the hand, which `snap_to_mask` moves on) whose middle tip lies
     at the fingers' end of the hand."""
-    ok, why = points_plausible(points, mask)
-    if not ok and why == "point_off_hand":
-        snapped = snap_to_mask(points, mask, SNAP_MAX_FRAC)
-        ok = snapped is not None and points_plausible(snapped, mask)[0]
+    ok = points_plausible(points, mask)[0] or snapped_if_off_hand(points, mask) is not None
     return ok and not fingers_behind(points, mask)
 
 
@@ -667,8 +674,23 @@ def fixed_point_gap(points: np.ndarray, again: np.ndarray) -> float:
     return float(d.max() / L) if L > 1e-6 and np.isfinite(d).all() else float("inf")
 
 
+def second_readings(model, images: list[np.ndarray], masks: list, firsts: list[np.ndarray], cfg, device,
+                    batch: int = 32) -> list[np.ndarray | None]:
+    """Each first answer's second reading (the hand turned upright along the answer and read again), in batches:
+    stage 3 passes them to `consistent_view_points` (`again`) instead of one forward pass per radiograph. None
+    where the answer has no axis or the check is off (`cfg.view_angles_deg` empty)."""
+    out: list[np.ndarray | None] = [None] * len(firsts)
+    todo = [k for k, f in enumerate(firsts) if cfg.view_angles_deg and not math.isnan(axis_upright_angle(f))]
+    for b in range(0, len(todo), batch):
+        chunk = todo[b:b + batch]
+        views = [view_at_angle(images[k], masks[k], axis_upright_angle(firsts[k]), cfg) for k in chunk]
+        for k, o, (_, back) in zip(chunk, predict_batch(model, [v[0] for v in views], device), views):
+            out[k] = from_view(o, back)
+    return out
+
+
 def consistent_view_points(model, image: np.ndarray, mask: np.ndarray | None, first: np.ndarray, cfg,
-                           device) -> tuple[np.ndarray, bool]:
+                           device, again: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
     """(points, searched). The network, trained on upright hands, puts an upright layout into every view, read or
     not; what it read it finds again. So each answer is checked as a fixed point: the hand is turned exactly
     upright along the answer's own tip-to-capitate axis and read once more; an answer that moves less than
@@ -676,13 +698,15 @@ def consistent_view_points(model, image: np.ndarray, mask: np.ndarray | None, fi
     Otherwise the network reads the hand turned by each of `cfg.view_angles_deg`, and the answer that moves
     least on its second reading wins (its second reading is returned), if it passes; else the first answer.
     A hand the geometric guess turned wrongly (a film at 45 degrees, a mask without the forearm) is still
-    read in a view the network knows. `searched`: the first answer failed and the search found another."""
-    angles = [math.radians(float(a)) for a in getattr(cfg, "view_angles_deg", [])]
-    limit = float(getattr(cfg, "view_consistent_frac", 0.05))
+    read in a view the network knows. `searched`: the first answer failed and the search found another.
+    `again`: the first answer's second reading when the caller has it already (`second_readings`)."""
+    angles = [math.radians(float(a)) for a in cfg.view_angles_deg]
+    limit = float(cfg.view_consistent_frac)
     u = axis_upright_angle(first)
     if not angles or math.isnan(u):
         return first, False
-    again = _read_turned(model, image, mask, [u], cfg, device)[0]
+    if again is None:
+        again = _read_turned(model, image, mask, [u], cfg, device)[0]
     if _usable(first, mask) and fixed_point_gap(first, again) <= limit:
         return first, False
     cands = _read_turned(model, image, mask, angles, cfg, device)
@@ -715,11 +739,11 @@ def predict_keypoints(model, clean_image: np.ndarray, mask: np.ndarray, cfg, dev
 
 
 def finish_network_points(model, clean_image: np.ndarray, mask, pts: np.ndarray, geo: np.ndarray, gconf: float, cfg,
-                          device) -> tuple[np.ndarray, float, str]:
+                          device, again: np.ndarray | None = None) -> tuple[np.ndarray, float, str]:
     """The network's first answer (image px) -> (points, confidence, source), as stage 3 and predict.py both
-    finish it: checked as a fixed point with a search over turned views (`consistent_view_points`), then fused
-    with the geometric guess (`combine_model_geometric`)."""
-    pts, searched = consistent_view_points(model, clean_image, mask, pts, cfg, device)
+    finish it: checked as a fixed point with a search over turned views (`consistent_view_points`; `again`: its
+    second reading, when batched by the caller), then fused with the geometric guess (`combine_model_geometric`)."""
+    pts, searched = consistent_view_points(model, clean_image, mask, pts, cfg, device, again)
     # the geometric axis turned the hand where the network could not read it: its layout is suspect
     return combine_model_geometric(pts, geo, min(gconf, 0.5) if searched else gconf, mask)
 
@@ -734,15 +758,14 @@ def combine_model_geometric(pts: np.ndarray, geo: np.ndarray, gconf: float, mask
     elsewhere the network's points. Confidence: high on agreement, lower on disagreement.
     """
     agree_frac = 0.05
-    ok, why = points_plausible(pts, mask)
+    ok = points_plausible(pts, mask)[0]
     gok = bool(np.isfinite(geo).all()) and points_plausible(geo, mask)[0]
     if not ok:
         if gok and gconf >= 0.5:
             return geo, gconf * 0.8, "geometric"
-        if why == "point_off_hand":
-            snapped = snap_to_mask(pts, mask, SNAP_MAX_FRAC)
-            if snapped is not None and points_plausible(snapped, mask)[0]:
-                return snapped, SNAP_CONFIDENCE, "model"
+        snapped = snapped_if_off_hand(pts, mask)
+        if snapped is not None:
+            return snapped, SNAP_CONFIDENCE, "model"
         return pts, 0.1, "model"
     out = pts.copy()
     L = float(np.hypot(*(pts[0] - pts[2])))

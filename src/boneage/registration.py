@@ -135,7 +135,7 @@ def check_points(points, confidence: float, mask, cfg, stats: dict | None) -> st
     if stats:
         L = float(np.hypot(*(p[0] - p[2])))
         z = (math.log(L) - math.log(stats["median_px"])) / stats["log_sd"]
-        if z > cfg.max_hand_length_z or -z > getattr(cfg, "max_hand_length_z_short", cfg.max_hand_length_z):
+        if z > cfg.max_hand_length_z or -z > cfg.max_hand_length_z_short:
             return f"hand_length_z:{abs(z):.1f}"
     return ""
 

@@ -261,18 +261,24 @@ def tta_views(tcfg) -> list[tuple[float, float, float]]:
 
 @torch.inference_mode()
 def predict_batch(model, x: torch.Tensor, male: torch.Tensor, head: str, tcfg, device: torch.device):
-    """Months (B,) and cls width (B,) or None, averaged over the TTA views (`tta_views`), which run as one
-    batch."""
+    """Months (B,) and cls width (B,) or None, averaged over the TTA views (`tta_views`). Views run together in
+    forward passes of at most max(B, 64) images (one pass for a single crop; a loader's batch does not grow)."""
     model.eval()
     x = _to_device(x, device, tcfg)
     male = male.to(device)
     views = tta_views(tcfg)
-    xs = torch.cat([_zoom(x, s, a, b) for s, a, b in views]) if len(views) > 1 else x
-    with _autocast(device, tcfg):
-        out = model(xs, male.repeat(len(views)) if len(views) > 1 else male)
-    m, w = decode_output(out, head)
-    m = m.float().view(len(views), len(x)).mean(0).cpu().numpy()
-    w = None if w is None else w.float().view(len(views), len(x)).mean(0).cpu().numpy()
+    per_pass = max(1, 64 // len(x))
+    months, widths = [], []
+    for k in range(0, len(views), per_pass):
+        chunk = views[k:k + per_pass]
+        xs = torch.cat([_zoom(x, s, a, b) for s, a, b in chunk]) if len(chunk) > 1 else _zoom(x, *chunk[0])
+        with _autocast(device, tcfg):
+            out = model(xs, male.repeat(len(chunk)))
+        m, w = decode_output(out, head)
+        months.append(m.float().view(len(chunk), len(x)))
+        widths.append(None if w is None else w.float().view(len(chunk), len(x)))
+    m = torch.cat(months).mean(0).cpu().numpy()
+    w = None if widths[0] is None else torch.cat(widths).mean(0).cpu().numpy()
     return m, w
 
 
