@@ -57,7 +57,6 @@ from boneage.registration import BASELINE_INPUTS, input_hw
 log = logging.getLogger(__name__)
 
 REGIONS = ("A", "B", "C", *BASELINE_INPUTS)  # plus the ablation's whole radiographs, raw and clean (issue 8)
-TTA_SCALES = (1.0, 0.95, 1.05)  # flip-free test-time augmentation: zoom out and in a little
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,9 +252,9 @@ def tta_views(tcfg) -> list[tuple[float, float, float]]:
     blend by 1.6 months median, 0.8 with these five views; a 3 x 3 grid did no better, at twice the cost)."""
     if not tcfg.tta:
         return [(1.0, 0.0, 0.0)]
-    d = float(getattr(tcfg, "tta_shift", 0.0))
+    d = float(tcfg.tta_shift)
     shifts = [(0.0, 0.0)] + ([(a, b) for a in (-d, d) for b in (-d, d)] if d > 0 else [])
-    scales = list(getattr(tcfg, "tta_scales", TTA_SCALES))
+    scales = list(tcfg.tta_scales)
     return [(float(s), a, b) for s in scales for a, b in shifts]
 
 
