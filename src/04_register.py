@@ -87,7 +87,8 @@ def main(cfg, args):
         mp = work / "masks" / f"{i}.png"
         mask = read_mask(mp) if mp.exists() else clean > 0
         conf = float(kp.loc[i, "confidence"]) if np.isfinite(kp.loc[i, "confidence"]) else 0.0
-        canvas, row = register_radiograph(clean, pts_all[k], conf, mask, rcfg, stats)
+        manual = str(kp.loc[i, "source"]) == "manual"
+        canvas, row = register_radiograph(clean, pts_all[k], conf, mask, rcfg, stats, manual)
         atomic_write_png(out_png, canvas)
         crops = crop_regions(canvas, rcfg)
         if rcfg.baseline_inputs:  # the ablation's whole-radiograph inputs (issue 8)

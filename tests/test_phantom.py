@@ -251,3 +251,20 @@ def test_speed_reduced():
     rate = n / (time.process_time() - t)
     assert rate >= 5, rate
     assert not math.isnan(rate)
+
+
+@pytest.mark.parametrize("p90, p180", [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0)])
+def test_partial_hand_cut_at_the_fingertips_whatever_the_rotation(p90, p180):
+    """Spec §5 #5: a partial hand loses its fingertips past the edge the fingers point at; the thumb tip
+    and the capitate stay in the image (a sideways hand shifted up once lost its whole thumb side)."""
+    cfg = _cfg(p_partial=1.0, p_rotate_90=p90, p_rotate_180=p180)
+    for i in range(12):
+        s = make_phantom(cfg, 5, i)
+        h, w = s.image.shape
+        tip, thumb, cap = s.keypoints[:, :2]
+        L = float(np.hypot(*(tip - cap)))
+        past = max(-tip[0], -tip[1], tip[0] - (w - 1), tip[1] - (h - 1))
+        assert past > 0, (i, tip)  # the middle tip lies beyond an edge
+        for p in (thumb, cap):
+            assert 0 <= p[0] <= w - 1 and 0 <= p[1] <= h - 1, (i, s.params["rotation_deg"], p)
+        assert s.mask.mean() > 0.05 * 255 and past < 0.2 * L

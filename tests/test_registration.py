@@ -160,6 +160,17 @@ def test_register_falls_back_to_the_mask_and_flags(tmp_path):
     stats = {"median_px": 2000.0, "log_sd": 0.1}
     canvas, row = register_radiograph(img, good, 0.9, m, c, stats)
     assert row["method"] == "mask" and "hand_length_z" in row["flag"]
+    # points a person marked are not vetoed by a mask that misses part of the hand; they still get the
+    # anatomical checks, and their mirror decision is the points' (a right hand, thumb on the image's left)
+    off = cases["point_off_hand"]
+    canvas, row = register_radiograph(img, off, 0.9, m, c, manual=True)
+    assert row["method"] == "keypoints" and "fallback" not in row["flag"] and row["mirrored"] is False
+    right = off.copy()
+    right[1, 0] = 2 * 350.0 - 720.0
+    canvas, row = register_radiograph(img, right, 0.9, m, c, manual=True)
+    assert row["method"] == "keypoints" and row["mirrored"] is True
+    canvas, row = register_radiograph(img, cases["thumb_beyond_tip"], 0.9, m, c, manual=True)
+    assert row["method"] == "mask" and "thumb_beyond_tip" in row["flag"]
     # no mask at all: the whole image, still a canvas and a row
     canvas, row = register_radiograph(img, None, 0.0, np.zeros_like(m), c)
     assert row["method"] == "mask" and "no_mask" in row["flag"] and canvas.shape == canvas_size(c)

@@ -873,9 +873,15 @@ def render_phantom(bone_age_months: float, sex: str, cfg: PhantomConfig, seed: i
     tip_soft_c = _to_px(lay["soft_tip_uv"][None], cx, cy, s)
     cut = 0.0
     if partial:
+        # the fingertips are cut by the image edge the fingers point at (the top edge of an upright hand; a
+        # sideways hand shifted up would lose its thumb side instead, with the fingertips still in the image)
         cut = float(rng.uniform(*cfg.partial_cut_range))
-        tip_y = ((RM @ (tip_soft_c - c0).T).T + t)[0, 1]
-        t = t + np.array([0.0, -cut * s - tip_y])
+        tip = ((RM @ (tip_soft_c - c0).T).T + t)[0]
+        d = RM @ np.array([0.0, -1.0])  # the fingers' direction in the image
+        k = int(np.argmax(np.abs(d)))
+        edge = -cut * s if d[k] < 0 else (W - 1, H - 1)[k] + cut * s
+        t = t.copy()
+        t[k] += edge - tip[k]
     # forearm stub: F ~ U(0.15, 0.45) L, or (usually) long enough to be cut by the image edge
     F_eff = lay["F"]
     to_edge = (not art) or bool(rng.random() < cfg.p_forearm_to_edge)

@@ -122,14 +122,15 @@ def hand_length_stats(points: np.ndarray) -> dict | None:
     return {"median_px": float(math.exp(med)), "log_sd": max(mad, 0.05)}
 
 
-def check_points(points, confidence: float, mask, cfg, stats: dict | None) -> str:
-    """'' when the points can be used for registration, else the reason (becomes the flag)."""
+def check_points(points, confidence: float, mask, cfg, stats: dict | None, manual: bool = False) -> str:
+    """'' when the points can be used for registration, else the reason (becomes the flag). Points a person
+    marked (`manual`) are not checked against the mask: where they disagree, the mask is the one at fault."""
     p = np.asarray(points, float).reshape(3, 2)
     if not np.isfinite(p).all():
         return "missing_points"
     if confidence is not None and np.isfinite(confidence) and confidence < cfg.min_confidence:
         return f"low_confidence:{confidence:.2f}"
-    ok, why = points_plausible(p, mask)
+    ok, why = points_plausible(p, None if manual else mask)
     if not ok:
         return why
     if stats:
@@ -282,11 +283,14 @@ def warp_to_canvas(image: np.ndarray, M: np.ndarray, cfg) -> np.ndarray:
     return cv2.warpAffine(image, M, (Wc, Hc), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
-def register_radiograph(clean_image, points, confidence, mask, cfg, hand_length_stats=None) -> tuple[np.ndarray, dict]:
+def register_radiograph(clean_image, points, confidence, mask, cfg, hand_length_stats=None,
+                        manual: bool = False) -> tuple[np.ndarray, dict]:
     """Canvas (uint8) and the registration row (without id): scale, angle_deg, tx, ty, mirrored,
-    residual_px, method (`keypoints` or `mask`), flag; plus `matrix` (2x3 list) for callers."""
+    residual_px, method (`keypoints` or `mask`), flag; plus `matrix` (2x3 list) for callers. `manual`: the
+    points were marked by a person (keypoints.csv source `manual`), so the mask does not veto them."""
     pts = None if points is None else np.asarray(points, float).reshape(3, 2)
-    reason = "missing_points" if pts is None else check_points(pts, confidence, mask, cfg, hand_length_stats)
+    reason = "missing_points" if pts is None else check_points(pts, confidence, mask, cfg, hand_length_stats,
+                                                               manual)
     flag = ""
     if not reason:
         M, info = similarity_from_points(pts, cfg)
