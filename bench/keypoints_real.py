@@ -43,11 +43,15 @@ import pandas as pd
 from boneage.config import load_config
 from boneage.keypoints import (
     combine_model_geometric,
+    finish_network_points,
+    from_view,
     geometric_from_cfg,
     load_keypoint_model,
+    network_view,
     predict_batch,
     predict_keypoints,
     save_model,
+    second_readings,
     to_square,
     train_model,
 )
@@ -341,17 +345,20 @@ def cmd_speed(args):
     from boneage.fileio import atomic_write_png, read_gray, read_mask
     from boneage.runtime import setup_torch
 
-    cfg = load_config(None)
-    setup_torch(2, 0)
-    torch.set_num_threads(2)
+    # --work: a chain's work dir (its keypoint model, clean images and masks) with --config its profile
+    cfg = load_config(args.config or None)
+    setup_torch(args.threads, 0)
+    torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    model_dir = OUT / "model_zero"
+    work = Path(args.work) if args.work else None
+    src = work if work else CACHE
+    model_dir = work / "models" / "keypoints" if work else OUT / "model_zero"
     model = load_keypoint_model(model_dir, cfg.keypoints, device)
     if model is None:
         from boneage.keypoints import build_model
 
         model = build_model(cfg.keypoints).eval()  # untrained: same cost
-    all_ids, _, _ = ids_sets()
+    all_ids = sorted(p.stem for p in (src / "clean").glob("*.png")) if work else ids_sets()[0]
     ids = all_ids[: args.n]
     tmp = OUT / "speed_tmp"
     kcfg, rcfg = cfg.keypoints, cfg.register
@@ -363,25 +370,27 @@ def cmd_speed(args):
         for n, crop in crop_regions(canvas, rcfg).items():
             atomic_write_png(tmp / n / f"{i}.png", crop)
 
-    # as the stages run: network in batches of 32, everything else per radiograph
+    # as stage 3 runs (`src/03_keypoints.py`): geometric guess, the network's view in batches of 32, the
+    # batched second readings of the fixed-point check, the view search where it fails, fusion; then stage 4
     t0 = time.perf_counter()
     for b in range(0, len(ids), 32):
         chunk = ids[b:b + 32]
-        cl = [read_gray(CACHE / "clean" / f"{i}.png") for i in chunk]
-        ms = [read_mask(CACHE / "masks" / f"{i}.png") for i in chunk]
-        sqs = [to_square(c, kcfg.input_size_px) for c in cl]
-        out = predict_batch(model, [q[0] for q in sqs], device)
-        for i, c, m, q, p in zip(chunk, cl, ms, sqs, out):
-            geo, gconf = geometric_from_cfg(m, kcfg)
-            pts, conf, _ = combine_model_geometric(p / q[1], geo, gconf, m)
+        cl = [read_gray(src / "clean" / f"{i}.png") for i in chunk]
+        ms = [read_mask(src / "masks" / f"{i}.png") for i in chunk]
+        geos = [geometric_from_cfg(m, kcfg) for m in ms]
+        views = [network_view(c, m, g, gc, kcfg) for c, m, (g, gc) in zip(cl, ms, geos)]
+        firsts = [from_view(o, v[1]) for o, v in zip(predict_batch(model, [v[0] for v in views], device), views)]
+        agains = second_readings(model, cl, ms, firsts, kcfg, device)
+        for i, c, m, (g, gc), p, a in zip(chunk, cl, ms, geos, firsts, agains):
+            pts, conf, _ = finish_network_points(model, c, m, p, g, gc, kcfg, device, a)
             finish(i, c, m, pts, conf)
     dt = time.perf_counter() - t0
     print(f"speed (stage batches of 32): {len(ids)} half-size radiographs in {dt:.1f} s = {len(ids) / dt:.1f}/s")
     # one radiograph at a time (src/predict.py's path)
     t0 = time.perf_counter()
     for i in ids[:30]:
-        c = read_gray(CACHE / "clean" / f"{i}.png")
-        m = read_mask(CACHE / "masks" / f"{i}.png")
+        c = read_gray(src / "clean" / f"{i}.png")
+        m = read_mask(src / "masks" / f"{i}.png")
         pts, conf, _ = predict_keypoints(model, c, m, kcfg, device)
         finish(i, c, m, pts, conf)
     dt1 = time.perf_counter() - t0
@@ -456,6 +465,9 @@ def main():
     p.add_argument("--n", type=int, default=100)
     p = sub.add_parser("speed")
     p.add_argument("--n", type=int, default=100)
+    p.add_argument("--work", default="", help="a chain's work dir: its keypoint model, clean images and masks")
+    p.add_argument("--config", default="", help="that chain's profile (configs/cpu.yaml)")
+    p.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if args.cmd != "phantoms" and not (HALF / "labels.csv").exists():
         sys.exit(f"real data not found at {HALF}")
