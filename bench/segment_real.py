@@ -35,7 +35,15 @@ from boneage.config import load_config
 from boneage.fileio import read_gray
 from boneage.masks import classical_mask, clean_radiograph, count_components, detect_inverted, mask_quality
 from boneage.qc import contact_sheet, outline_mask
-from boneage.segmentation import bootstrap_unet, build_unet, predict_masks, save_unet, to_work
+from boneage.segmentation import (
+    bootstrap_px,
+    bootstrap_unet,
+    build_unet,
+    predict_masks,
+    relabel_unet,
+    save_unet,
+    to_work,
+)
 
 DATA = REPO.parent / "shared" / "data" / "rsna-half"
 log = logging.getLogger("segment_real")
@@ -105,13 +113,11 @@ def main() -> int:
     ap.add_argument("--speed-n", type=int, default=100)
     ap.add_argument("--reuse-model", action="store_true", help="skip training when out/unet.pt exists")
     ap.add_argument("--relabel-epochs", type=int, default=0,
-                    help="one more self-training round on the training radiographs, labelled by the full stage-1 "
-                         "pipeline at their own size (post-processing included), for this many epochs; 0: off")
-    ap.add_argument("--relabel-work-size", type=int, default=0,
-                    help="working size of the predictions that make those labels (the size the model was trained at); "
-                         "0: --work-size")
-    ap.add_argument("--relabel-set", action="append", default=[],
-                    help="segment.* override for the label predictions only (e.g. segment.dilate_frac=0)")
+                    help="segment.relabel_epochs: stage 1's relabel round (labels from the whole pipeline at each "
+                         "radiograph's own size), also run on a --reuse-model model; 0: off")
+    ap.add_argument("--bootstrap-work-size", type=int, default=0,
+                    help="segment.bootstrap_work_size_px: the bootstrap's rounds (and the relabel round's label "
+                         "predictions) at this size, the relabel round and inference at --work-size; 0: --work-size")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--phantoms", type=int, default=0, help="phantom IoU benchmark with this many training phantoms")
     ap.add_argument("--phantom-px", type=int, default=256)
@@ -127,7 +133,9 @@ def main() -> int:
     torch.manual_seed(0)
     cfg = load_config(None, [f"segment.work_size_px={args.work_size}", f"segment.epochs={args.epochs}",
                              f"segment.self_training_rounds={args.rounds}",
-                             f"segment.epochs_per_round={args.epochs_per_round}", *args.overrides])
+                             f"segment.epochs_per_round={args.epochs_per_round}",
+                             f"segment.relabel_epochs={args.relabel_epochs}",
+                             f"segment.bootstrap_work_size_px={args.bootstrap_work_size}", *args.overrides])
     sc = cfg.segment
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -171,7 +179,7 @@ def main() -> int:
         report["bootstrap"] = json.loads((out / "rounds.json").read_text()) if (out / "rounds.json").exists() else []
     else:
         t0 = time.perf_counter()
-        works = [to_work(read_gray(args.data / "images" / f"{i}.jpg"), sc.work_size_px) for i in train_ids]
+        works = [to_work(read_gray(args.data / "images" / f"{i}.jpg"), bootstrap_px(sc)) for i in train_ids]
         stack = np.stack([w.image for w in works])
         inners = [w.inner for w in works]
         t_prep = time.perf_counter() - t0
@@ -184,7 +192,8 @@ def main() -> int:
         (out / "rounds.json").write_text(json.dumps(boot.rounds, indent=2))
 
     if args.relabel_epochs > 0:
-        report["relabel"] = _relabel_round(model, args, train_ids, sc, device)
+        items = ((read_gray(args.data / "images" / f"{i}.jpg"), None) for i in train_ids)
+        report["relabel"] = relabel_unet(model, items, sc, device, seed=7)
         save_unet(model, out)
         (out / "rounds.json").write_text(json.dumps(report["bootstrap"] + [report["relabel"]], indent=2))
 
@@ -265,7 +274,9 @@ def phantom_bench(args) -> int:
     torch.set_num_threads(args.threads)
     cfg = load_config(None, [f"segment.work_size_px={args.work_size}", f"segment.epochs={args.epochs}",
                              f"segment.self_training_rounds={args.rounds}",
-                             f"segment.epochs_per_round={args.epochs_per_round}", *args.overrides])
+                             f"segment.epochs_per_round={args.epochs_per_round}",
+                             f"segment.relabel_epochs={args.relabel_epochs}",
+                             f"segment.bootstrap_work_size_px={args.bootstrap_work_size}", *args.overrides])
     sc = cfg.segment
     pc = PhantomConfig(long_side_px=args.phantom_px)
     train = [make_phantom(pc, 11, i) for i in range(args.phantoms)]
@@ -299,40 +310,6 @@ def _iou_summary(v):
     v = np.array(v)
     return {"mean": round(float(v.mean()), 4), "median": round(float(np.median(v)), 4),
             "min": round(float(v.min()), 4), "share_ge_0.97": round(float((v >= 0.97).mean()), 3)}
-
-
-def _relabel_round(model, args, train_ids, sc, device) -> dict:
-    """Self-training with labels from the whole stage-1 pipeline: each training radiograph's post-processed mask at
-    its own size (edges refined, fingertips extended), brought to the working square, is its label when its
-    `mask_quality` passes `pseudo_label_min_quality`; then `args.relabel_epochs` epochs of training, in place."""
-    from boneage.segmentation import mask_to_work, train_unet
-
-    t0 = time.perf_counter()
-    s = int(sc.work_size_px)
-    label_sc = load_config(None, [f"segment.{k}={v}" for k, v in
-                                  (("work_size_px", args.relabel_work_size or s), ("dilate_frac", sc.dilate_frac),
-                                   ("fingertip_margin_frac", sc.fingertip_margin_frac))]
-                           + [o for o in args.overrides if o.startswith("segment.")] + args.relabel_set).segment
-    works, labels, quals = [], [], []
-    for b0 in range(0, len(train_ids), 64):
-        imgs = [read_gray(args.data / "images" / f"{i}.jpg") for i in train_ids[b0:b0 + 64]]
-        for img, m in zip(imgs, _predict_many(model, imgs, label_sc, device)):
-            q, _ = mask_quality(m)
-            quals.append(q)
-            if q >= sc.pseudo_label_min_quality:
-                works.append(to_work(img, s).image)
-                labels.append(mask_to_work(m, s).astype(np.uint8))
-    t_lab = time.perf_counter() - t0
-    log.info("relabel: kept %d of %d pipeline masks as labels (%.0f s)", len(works), len(train_ids), t_lab)
-    losses = train_unet(model, np.stack(works), np.stack(labels), args.relabel_epochs, sc, device, seed=7)
-    q = np.array(quals)
-    return {"round": "relabel", "source": "stage-1 pipeline masks at full size", "kept": len(works),
-            "of": len(train_ids),
-            "quality": {"mean": round(float(q.mean()), 4), "p10": round(float(np.percentile(q, 10)), 4)},
-            "work_size_px": s, "label_work_size_px": label_sc.work_size_px, "label_overrides": args.relabel_set,
-            "epochs": args.relabel_epochs,
-            "train_losses": [round(x, 4) for x in losses],
-            "label_seconds": round(t_lab, 1), "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def _predict_many(model, imgs, sc, device):

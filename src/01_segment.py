@@ -48,7 +48,16 @@ def train_or_load(cfg, ds, model_dir: Path, device, force: bool):
     """The U-Net: reused from `model_dir` unless `force`, else bootstrapped on the training radiographs."""
     import torch
 
-    from boneage.segmentation import MODEL_FILE, bootstrap_unet, load_unet, mask_to_work, save_unet, to_work
+    from boneage.segmentation import (
+        MODEL_FILE,
+        bootstrap_px,
+        bootstrap_unet,
+        load_unet,
+        mask_to_work,
+        relabel_unet,
+        save_unet,
+        to_work,
+    )
 
     sc = cfg.segment
     if (model_dir / MODEL_FILE).exists() and not force:
@@ -60,7 +69,7 @@ def train_or_load(cfg, ds, model_dir: Path, device, force: bool):
     if len(train) > sc.max_train_images:
         train = train.sample(sc.max_train_images, random_state=cfg.seed)
     ids = [str(i) for i in train["id"]]
-    s = int(sc.work_size_px)
+    s = bootstrap_px(sc)
     cache = model_dir / f"cache_{s}.npz"
     stack = inners = None
     if cache.exists() and not force:
@@ -88,6 +97,14 @@ def train_or_load(cfg, ds, model_dir: Path, device, force: bool):
             manual[k] = mask_to_work(_load_manual(mp, img_shape), s)
     log.info("U-Net bootstrap: %d training radiographs, %d manual masks, work size %d", len(ids), len(manual), s)
     boot = bootstrap_unet(stack, inners, manual, sc, device, seed=cfg.seed)
+    if sc.relabel_epochs > 0:
+        def items():
+            for sid, p in zip(ids, train["path"]):
+                img = read_gray(p)
+                mp = manual_mask_path(ds.annotations_dir, sid)
+                yield img, (_load_manual(mp, img.shape) if mp is not None else None)
+
+        boot.rounds.append(relabel_unet(boot.model, items(), sc, device, cfg.seed + 7))
     save_unet(boot.model, model_dir)
     atomic_write_json(model_dir / "rounds.json", boot.rounds)
     torch.set_grad_enabled(True)

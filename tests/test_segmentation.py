@@ -20,6 +20,7 @@ from boneage.segmentation import (
     mask_to_work,
     predict_mask,
     prob_to_mask,
+    relabel_unet,
     save_unet,
     segmentation_loss,
     soft_jaccard,
@@ -154,6 +155,57 @@ def test_bootstrap_on_phantoms_from_zero_masks():
     assert np.median(ious) > PHANTOM_SMALL_IOU, ious
 
 
+def test_relabel_round_takes_the_pipeline_masks_at_full_size(monkeypatch):
+    """The relabel round's labels: the pipeline's masks predicted at the bootstrap size without dilation or
+    fingertip margin, kept by quality, manual masks as given; trained at work_size_px."""
+    import boneage.segmentation as seg
+
+    samples = _phantom_set(5, 128)
+    cfg = small_cfg(work_size_px=64, bootstrap_work_size_px=32, relabel_epochs=2, dilate_frac=0.01,
+                    fingertip_margin_frac=0.01)
+    seen = {}
+
+    def fake_predict(model, images, c, device):
+        seen.setdefault("cfgs", []).append((c.work_size_px, c.dilate_frac, c.fingertip_margin_frac))
+        # a good mask for every radiograph but the last, which gets an empty (implausible) one
+        chosen = samples[1:1 + len(images)]
+        return [s.mask > 127 if k < 3 else np.zeros_like(s.mask, bool) for k, s in enumerate(chosen)]
+
+    def fake_train(model, images, labels, epochs, c, device, seed=0):
+        seen["train"] = (images.shape, labels.copy(), epochs)
+        return [0.5] * epochs
+
+    monkeypatch.setattr(seg, "predict_masks", fake_predict)
+    monkeypatch.setattr(seg, "train_unet", fake_train)
+    items = [(samples[0].image, samples[0].mask > 127)] + [(s.image, None) for s in samples[1:]]
+    rec = relabel_unet(build_unet(cfg), iter(items), cfg, torch.device("cpu"))
+    assert seen["cfgs"] == [(32, 0.0, 0.0)]  # one batch of the four without a manual mask
+    assert rec["manual"] == 1 and rec["of"] == 5 and rec["kept"] == 4  # the empty mask is no label
+    shape, labels, epochs = seen["train"]
+    assert shape == (4, 64, 64) and epochs == 2 and rec["work_size_px"] == 64 and rec["label_work_size_px"] == 32
+    assert np.array_equal(labels[0], mask_to_work(samples[0].mask > 127, 64).astype(np.uint8))
+    assert rec["train_losses"] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("rotate_deg, lo, hi", [(20.0, 0, 25), (180.0, 60, 180)])
+def test_unet_rotation_augmentation_range(rotate_deg, lo, hi):
+    """`segment.aug_rotate_deg`: a vertical bar's axis after augmentation stays within +-20 degrees of the vertical
+    by default; with 180 some hands come out far off the vertical."""
+    from boneage.segmentation import _augment
+
+    img = np.zeros((64, 64), np.uint8)
+    img[8:56, 28:36] = 200
+    rng = np.random.default_rng(0)
+    tilts = []
+    for _ in range(60):
+        _, m = _augment(img, (img > 0).astype(np.uint8), rng, 0.0, rotate_deg)
+        ys, xs = np.nonzero(m)
+        cov = np.cov(np.stack([xs, ys]).astype(float))
+        ev = np.linalg.eigh(cov)[1][:, -1]
+        tilts.append(np.degrees(np.arccos(min(1.0, abs(ev[1])))))
+    assert lo <= max(tilts) <= hi, max(tilts)
+
+
 PHANTOM_SMALL_IOU = 0.75  # small profile (16 phantoms at 128 px); far below the 0.97 bar, see bench notes
 
 
@@ -163,7 +215,8 @@ def test_stages_01_02_end_to_end(tmp_path):
     sets = ["--set", f"input_dir={tmp_path}/input", "--set", f"work_dir={tmp_path}/work", "--set", "demo.n_train=6",
             "--set", "demo.n_test=3", "--set", "phantom.long_side_px=128", "--set", "segment.work_size_px=32",
             "--set", "segment.encoder_depth=3", "--set", "segment.decoder_channels=[16,8,8]",
-            "--set", "segment.epochs=1", "--set", "segment.epochs_per_round=1", "--set", "threads=2"]
+            "--set", "segment.epochs=1", "--set", "segment.epochs_per_round=1", "--set", "threads=2",
+            "--set", "segment.bootstrap_work_size_px=24", "--set", "segment.relabel_epochs=1"]
 
     def run(script, *extra):
         r = subprocess.run([sys.executable, str(REPO_ROOT / "src" / script), "--config", "configs/smoke.yaml",
@@ -183,6 +236,11 @@ def test_stages_01_02_end_to_end(tmp_path):
     assert list(masks.columns) == ["id", "quality", "area_frac", "n_components", "flag"]
     assert len(masks) == 9
     assert (work / "models" / "unet" / "unet.pt").exists() and (work / "models" / "unet" / "rounds.json").exists()
+    import json
+
+    rounds = json.loads((work / "models" / "unet" / "rounds.json").read_text())
+    assert rounds[-1]["round"] == "relabel" and rounds[-1]["work_size_px"] == 32 and rounds[-1]["of"] == 6
+    assert (work / "models" / "unet" / "cache_24.npz").exists()  # the bootstrap ran at its own size
     assert (work / "qc" / "01_masks.png").exists()
     for sid in masks.id:
         m = cv2.imread(str(work / "masks" / f"{sid}.png"), cv2.IMREAD_GRAYSCALE)

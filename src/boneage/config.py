@@ -79,6 +79,13 @@ class SegmentConfig:
     polarity_retry_quality: float = 0.0  # masks below this (or a negative polarity score) are retried inverted
     upright_retry_deg: float = 35.0  # a mask whose long axis is further off vertical is segmented again upright; 0: off
     invert_aug_p: float = 0.5  # share of training samples shown inverted: the U-Net learns both polarities
+    aug_rotate_deg: float = 20.0  # training rotations drawn from +-this (180: any orientation)
+    # the bootstrap (classical labels, self-training rounds) at this working size (0: work_size_px), then
+    # `relabel_epochs` epochs at work_size_px on labels made by the whole stage-1 pipeline at the radiographs' own
+    # size (edges refined, fingertips grown; no dilation or margin, or every round would loosen the masks); 0: off.
+    # rsna-half, 84 held-out annotated radiographs: 98.05 % -> 99.45 % of manual points inside (bench/notes)
+    bootstrap_work_size_px: int = 0
+    relabel_epochs: int = 0
 
 
 @dataclass

@@ -17,7 +17,9 @@
   (`masks.postprocess_mask`).
 - Labels: manual masks where present, else the classical first guess (`masks.classical_mask`)
   where its quality passes `pseudo_label_min_quality`; then `self_training_rounds` rounds of
-  (train, predict every training image, re-score, keep the confident ones as the new labels).
+  (train, predict every training image, re-score, keep the confident ones as the new labels); all of
+  this at `bootstrap_work_size_px` when set. Then, when `relabel_epochs` > 0, one round whose labels
+  are the whole pipeline's masks at each radiograph's own size (`relabel_unet`), trained at `work_size_px`.
 """
 
 from __future__ import annotations
@@ -158,12 +160,13 @@ def _to_tensor(batch: np.ndarray) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------- training
 def _augment(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
-             invert_p: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Flip, rotation/zoom/shift, gamma/contrast, and inverted polarity with probability `invert_p`."""
+             invert_p: float = 0.5, rotate_deg: float = 20.0) -> tuple[np.ndarray, np.ndarray]:
+    """Flip, rotation (+-`rotate_deg`)/zoom/shift, gamma/contrast, and inverted polarity with probability
+    `invert_p`."""
     s = img.shape[0]
     if rng.random() < 0.5:
         img, mask = img[:, ::-1], mask[:, ::-1]
-    ang = rng.uniform(-20, 20)
+    ang = rng.uniform(-rotate_deg, rotate_deg)
     scale = rng.uniform(0.85, 1.15)
     tx, ty = rng.uniform(-0.08, 0.08, size=2) * s
     m = cv2.getRotationMatrix2D((s / 2, s / 2), ang, scale)
@@ -195,7 +198,8 @@ def train_unet(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, e
     losses = []
     from tqdm import tqdm
 
-    invert_p = float(getattr(cfg, "invert_aug_p", 0.5))
+    invert_p = float(cfg.invert_aug_p)
+    rotate_deg = float(cfg.aug_rotate_deg)
     steps = max(1, n // bs) if n >= bs else 1
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps), eta_min=0.02 * cfg.lr)
     for ep in range(epochs):
@@ -203,7 +207,7 @@ def train_unet(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, e
         tot, cnt = 0.0, 0
         for b in tqdm(range(steps), desc=f"unet epoch {ep + 1}/{epochs}", leave=False, mininterval=5):
             idx = order[b * bs:(b + 1) * bs] if n >= bs else rng.choice(n, size=bs)
-            xs, ys = zip(*(_augment(images[i], labels[i], rng, invert_p) for i in idx))
+            xs, ys = zip(*(_augment(images[i], labels[i], rng, invert_p, rotate_deg) for i in idx))
             x = _to_tensor(np.stack(xs)).to(device)
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -332,6 +336,59 @@ def bootstrap_unet(images: np.ndarray, inners: list[tuple[int, int]], manual: di
         rounds[-1]["train_losses"] = [round(x, 4) for x in losses]
         rounds[-1]["seconds"] = round(time.perf_counter() - t1, 1)
     return Bootstrap(model, rounds, cq)
+
+
+def bootstrap_px(cfg) -> int:
+    """Working size of the bootstrap's rounds (`bootstrap_work_size_px`, else `work_size_px`)."""
+    return int(cfg.bootstrap_work_size_px or cfg.work_size_px)
+
+
+def relabel_unet(model: torch.nn.Module, items, cfg, device, seed: int = 7) -> dict:
+    """The relabel round, in place. `items`: an iterable (read lazily) of (uint8 radiograph at its own size, its
+    manual bool mask or None). Each radiograph without a manual mask is segmented by the whole pipeline at the
+    bootstrap's working size, without dilation or fingertip margin; the masks whose `mask_quality` passes
+    `pseudo_label_min_quality` and the manual ones, brought to `work_size_px`, are the labels of `relabel_epochs`
+    epochs at `work_size_px`. Returns the round's record for rounds.json."""
+    from dataclasses import replace
+
+    t0 = time.perf_counter()
+    s = int(cfg.work_size_px)
+    label_cfg = replace(cfg, work_size_px=bootstrap_px(cfg), dilate_frac=0.0, fingertip_margin_frac=0.0)
+    works, labels, quals, chunk = [], [], [], []
+    n_manual = 0
+
+    def keep(img, m):
+        works.append(to_work(img, s).image)
+        labels.append(mask_to_work(m, s).astype(np.uint8))
+
+    def flush():
+        for img, m in zip(chunk, predict_masks(model, chunk, label_cfg, device)):
+            q, _ = mask_quality(m)
+            quals.append(q)
+            if q >= cfg.pseudo_label_min_quality:
+                keep(img, m)
+        chunk.clear()
+
+    for img, manual in items:
+        if manual is not None:
+            keep(img, np.asarray(manual) > 0)
+            n_manual += 1
+            continue
+        chunk.append(img)
+        if len(chunk) == 64:
+            flush()
+    flush()
+    t_lab = time.perf_counter() - t0
+    log.info("relabel: kept %d of %d pipeline masks as labels (%.0f s)", len(works), len(quals), t_lab)
+    losses = []
+    if works:
+        losses = train_unet(model, np.stack(works), np.stack(labels), int(cfg.relabel_epochs), cfg, device, seed)
+    return {"round": "relabel", "source": "stage-1 pipeline masks at full size", "manual": n_manual,
+            "kept": len(works), "of": len(quals) + n_manual, "quality": _summary(np.array(quals, np.float32)),
+            "work_size_px": s,
+            "label_work_size_px": label_cfg.work_size_px, "epochs": int(cfg.relabel_epochs),
+            "train_losses": [round(x, 4) for x in losses], "label_seconds": round(t_lab, 1),
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 # ----------------------------------------------------------------------------------------- API for other stages
