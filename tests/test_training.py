@@ -244,3 +244,33 @@ def test_changed_folds_refuse_to_reuse_a_trained_fold(tmp_path):
     with pytest.raises(StageInputError, match="different split.*--force"):
         train_all(cfg, train, test, read_folds(cfg))
     assert train_all(cfg, train, test, read_folds(cfg), force=True)
+
+
+def test_resolution_and_jpeg_augmentation_soften_or_block_the_crop():
+    """train.aug_downscale / aug_jpeg_quality (issue 11: radiographs at a quarter resolution, JPEG 30): off by default;
+    on, they take detail out of a crop without moving it; bad ranges are a clear config error."""
+    from boneage.training import build_train_transform
+
+    rng = np.random.default_rng(0)
+    crop = np.clip(128 + rng.normal(0, 40, (96, 80)), 0, 255).astype(np.uint8)
+    crop[:, :40] //= 3  # a dark half: the crop's layout must survive
+
+    def base(**kw):
+        over = ["train.aug_zoom=0", "train.aug_rotate_deg=0", "train.aug_shift=0", "train.aug_gamma=[1,1]",
+                "train.aug_brightness=0"] + [f"train.{k}={v}" for k, v in kw.items()]
+        return load_config(None, over).train
+
+    assert np.array_equal(build_train_transform(base())(image=crop)["image"], crop)  # nothing on by default
+
+    def detail(img):
+        return float(np.abs(np.diff(img.astype(float), axis=1)).mean())
+
+    for kw in ({"aug_downscale": "[0.25,0.3]", "aug_downscale_p": 1.0},
+               {"aug_jpeg_quality": "[20,25]", "aug_jpeg_p": 1.0}):
+        out = build_train_transform(base(**kw))(image=crop)["image"]
+        assert out.shape == crop.shape and out.dtype == np.uint8
+        assert detail(out) < 0.8 * detail(crop), kw
+        assert out[:, :40].mean() < out[:, 40:].mean() - 40  # the same picture, only softer
+    for kw in ({"aug_downscale": "[0.5,0.2]"}, {"aug_jpeg_quality": "[0,50]"}):
+        with pytest.raises(ConfigError):
+            build_train_transform(base(**kw))

@@ -216,6 +216,13 @@ class TrainConfig:
     aug_shift: float = 0.2
     aug_gamma: list[float] = field(default_factory=lambda: [0.8, 1.2])
     aug_brightness: float = 0.1  # brightness and contrast limits (albumentations), 0: off
+    # a radiograph at a quarter of its resolution or saved as JPEG gives softer or blockier crops (issue 11's stress
+    # test): with probability p, a crop is shrunk by a factor from this range and enlarged back, or JPEG-compressed
+    # at a quality from this range; [1, 1] / [100, 100]: off
+    aug_downscale: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    aug_downscale_p: float = 0.25
+    aug_jpeg_quality: list[int] = field(default_factory=lambda: [100, 100])
+    aug_jpeg_p: float = 0.25
     cls_ce_weight: float = 1.0
     cls_label_sigma_months: float = 6.0  # soft label width for the classification head
     tta: bool = False  # test-time augmentation: average over tta_views (boneage.training)

@@ -116,7 +116,8 @@ def build_spec_model(spec: ModelSpec, cfg) -> torch.nn.Module:
 
 
 def build_train_transform(tcfg) -> A.Compose:
-    """Zoom, rotation, shift (one affine, black fill like the cleaned background), gamma, brightness."""
+    """Zoom, rotation, shift (one affine, black fill like the cleaned background), gamma, brightness, then a loss of
+    resolution (shrunk and enlarged back) and JPEG compression, each with its probability."""
     t: list = []
     if tcfg.aug_zoom > 0 or tcfg.aug_rotate_deg > 0 or tcfg.aug_shift > 0:
         s = tcfg.aug_shift
@@ -129,6 +130,16 @@ def build_train_transform(tcfg) -> A.Compose:
     if tcfg.aug_brightness > 0:
         t.append(A.RandomBrightnessContrast(brightness_limit=tcfg.aug_brightness,
                                             contrast_limit=tcfg.aug_brightness, p=0.5))
+    d0, d1 = tcfg.aug_downscale
+    q0, q1 = tcfg.aug_jpeg_quality
+    if not (0 < d0 <= d1 <= 1) or not (1 <= q0 <= q1 <= 100):
+        raise ConfigError(f"train.aug_downscale must be 0 < lo <= hi <= 1 and train.aug_jpeg_quality 1 <= lo <= hi <= "
+                          f"100, got {list(tcfg.aug_downscale)} and {list(tcfg.aug_jpeg_quality)}")
+    if d0 < 1.0 and tcfg.aug_downscale_p > 0:
+        t.append(A.Downscale(scale_range=(d0, min(d1, 0.99)), p=tcfg.aug_downscale_p,
+                             interpolation_pair={"downscale": cv2.INTER_AREA, "upscale": cv2.INTER_LINEAR}))
+    if q0 < 100 and tcfg.aug_jpeg_p > 0:
+        t.append(A.ImageCompression(quality_range=(int(q0), int(q1)), p=tcfg.aug_jpeg_p))
     return A.Compose(t)
 
 
