@@ -44,7 +44,12 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--n", type=int, default=120)
     ap.add_argument("--variant", action="append")
+    ap.add_argument("--stage1-masks", action="store_true",
+                    help="score the masks stage 1 wrote (WORK/masks/{id}.png: polarity and upright retries included) "
+                         "instead of re-predicting under variants")
     args = ap.parse_args(argv)
+    if args.stage1_masks:
+        return score_stage1_masks(args)
 
     import torch
 
@@ -74,6 +79,29 @@ def main(argv=None) -> int:
             rec.append(inter / max(1.0, float(gt.sum())))
         print(f"| {name} | {np.median(ious):.3f} | {np.mean(ious):.3f} | {np.percentile(ious, 10):.3f} "
               f"| {np.mean(prec):.3f} | {np.mean(rec):.3f} |", flush=True)
+    return 0
+
+
+def _iou_row(name: str, pairs) -> str:
+    ious, prec, rec = [], [], []
+    for m, gt in pairs:
+        inter = float((m & gt).sum())
+        ious.append(inter / max(1.0, float((m | gt).sum())))
+        prec.append(inter / max(1.0, float(m.sum())))
+        rec.append(inter / max(1.0, float(gt.sum())))
+    return (f"| {name} | {np.median(ious):.3f} | {np.mean(ious):.3f} | {np.percentile(ious, 10):.3f} "
+            f"| {np.mean(prec):.3f} | {np.mean(rec):.3f} | {np.mean(np.array(ious) >= 0.97):.2f} |")
+
+
+def score_stage1_masks(args) -> int:
+    truth = sorted((args.input / "ground_truth" / "masks").glob("*.png"), key=lambda p: int(p.stem))[:args.n]
+    have = [p for p in truth if (args.work / "masks" / p.name).exists()]
+    if not have:
+        raise SystemExit(f"{args.work}/masks: none of the {len(truth)} test phantoms has a stage-1 mask")
+    print(f"{len(have)} test phantoms, stage-1 masks of {args.work}\n")
+    print("| masks | IoU median | mean | p10 | precision | recall | share >= 0.97 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(_iou_row(str(args.work), ((read_mask(args.work / "masks" / p.name), read_mask(p)) for p in have)))
     return 0
 
 
