@@ -468,7 +468,7 @@ def predict_masks_with_raw(model: torch.nn.Module, images: list[np.ndarray], cfg
 
 def _upright_retry(model: torch.nn.Module, image: np.ndarray, pair: tuple[np.ndarray, np.ndarray], quality: float,
                    tilt_deg: float, cfg, device) -> tuple[tuple[np.ndarray, np.ndarray], float]:
-    """The U-Net learnt upright hands (+-20 degrees of augmentation): a hand whose mask lies further off the
+    """The U-Net learnt upright hands (+-`aug_rotate_deg` of augmentation): a hand whose mask lies further off the
     vertical is segmented again turned upright along the mask's long axis, both ways (fingers up or down), the
     masks mapped back; the most hand-like of the three wins, the upright ones on a tie (issue 11: rotations)."""
     mask = pair[1]
