@@ -83,7 +83,8 @@ class SegmentConfig:
     # the bootstrap (classical labels, self-training rounds) at this working size (0: work_size_px), then
     # `relabel_epochs` epochs at work_size_px on labels made by the whole stage-1 pipeline at the radiographs' own
     # size (edges refined, fingertips grown; no dilation or margin, or every round would loosen the masks); 0: off.
-    # rsna-half, 84 held-out annotated radiographs: 98.05 % -> 99.45 % of manual points inside (bench/notes)
+    # rsna-half, 84 held-out annotated radiographs: 99.39 % of manual points inside with the cpu profile's round,
+    # 98.05 % with a 192 px bootstrap alone (bench/notes/segmentation.md)
     bootstrap_work_size_px: int = 0
     relabel_epochs: int = 0
 
