@@ -535,6 +535,21 @@ def load_keypoint_model(model_dir: Path, cfg, device):
     return model.to(device).eval()
 
 
+CHECK_GRID_PX = 400  # the mask checks on points need no finer grid than this long side
+
+
+def _check_grid(mask: np.ndarray) -> tuple[np.ndarray, float]:
+    """The bool mask on the grid of the point checks (long side at most `CHECK_GRID_PX`) and its scale factor."""
+    m = np.asarray(mask) > 0
+    h, w = m.shape
+    if max(h, w) <= CHECK_GRID_PX:
+        return m, 1.0
+    f = CHECK_GRID_PX / max(h, w)
+    small = cv2.resize(m.astype(np.uint8), (max(1, round(w * f)), max(1, round(h * f))),
+                       interpolation=cv2.INTER_NEAREST) > 0
+    return small, f
+
+
 def points_plausible(points: np.ndarray, mask: np.ndarray | None = None) -> tuple[bool, str]:
     """Cheap anatomical checks on (3, 2) points: all finite, distinct, tip farther from the capitate than
     the thumb tip, thumb off the tip-capitate axis but not beyond it, points on (or next to) the hand."""
@@ -554,14 +569,9 @@ def points_plausible(points: np.ndarray, mask: np.ndarray | None = None) -> tupl
     if not (-0.1 < along < 0.85) or across < 0.1 or across > 0.9:
         return False, "thumb_implausible"
     if mask is not None and mask.any():
-        m = np.asarray(mask) > 0
+        m, f = _check_grid(mask)
         h, w = m.shape
-        if max(h, w) > 400:  # the checks need no more than ~400 px: work on a smaller mask
-            f = 400.0 / max(h, w)
-            m = cv2.resize(m.astype(np.uint8), (max(1, round(w * f)), max(1, round(h * f))),
-                           interpolation=cv2.INTER_NEAREST) > 0
-            h, w = m.shape
-            p, tip, cap, L = p * f, tip * f, cap * f, L * f
+        p, tip, cap, L = p * f, tip * f, cap * f, L * f
         # order: the capitate sits in the broad palm/wrist, the middle tip at the end of a thin finger
         ti, ci = np.round(tip).astype(int), np.round(cap).astype(int)
         if 0 <= ti[0] < w and 0 <= ti[1] < h and 0 <= ci[0] < w and 0 <= ci[1] < h:
@@ -589,13 +599,13 @@ def snap_to_mask(points: np.ndarray, mask: np.ndarray | None, max_frac: float) -
 
     The network places fingertips on the soft-tissue tip, which on low-contrast films lies a little past the
     mask's edge; such a point is right for registration once it sits on the hand, while a mask-based fallback
-    for the whole radiograph reads these films far worse (session-4 notes, bench/notes/keypoints.md)."""
+    for the whole radiograph reads these films far worse (session-4 notes, bench/notes/keypoints.md). Works on
+    `points_plausible`'s grid (`_check_grid`): a moved point lands on a mask pixel there, at that grid's precision."""
     p = np.asarray(points, float).reshape(3, 2).copy()
-    if mask is None or not np.isfinite(p).all():
+    if mask is None or not np.isfinite(p).all() or not np.asarray(mask).any():
         return None
-    m = np.asarray(mask) > 0
-    if not m.any():
-        return None
+    m, f = _check_grid(mask)
+    p *= f
     L = float(np.hypot(*(p[0] - p[2])))
     h, w = m.shape
     inv = np.pad((~m).astype(np.uint8), 1, constant_values=1)
@@ -614,7 +624,7 @@ def snap_to_mask(points: np.ndarray, mask: np.ndarray | None, max_frac: float) -
         if np.hypot(*(q - p[i])) > max_frac * max(L, 1.0):
             return None
         p[i] = q
-    return p
+    return p / f
 
 
 def axis_upright_angle(points: np.ndarray) -> float:
@@ -629,9 +639,9 @@ def axis_upright_angle(points: np.ndarray) -> float:
 
 def fingers_behind(points: np.ndarray, mask) -> bool:
     """True when the mask says the fingers lie on the capitate's side, not the middle tip's: rows across the hand
-    cross several fingers near the finger end and one forearm near the other (`registration._finger_end_sign`).
+    cross several fingers near the finger end and one forearm near the other (`registration.finger_end_sign`).
     A network reading an upside-down hand finds that reading again when turned along it; this tells it apart."""
-    from boneage.registration import _finger_end_sign  # registration imports this module
+    from boneage.registration import finger_end_sign  # registration imports this module
 
     p = np.asarray(points, float).reshape(3, 2)
     m = None if mask is None else np.asarray(mask) > 0
@@ -640,7 +650,7 @@ def fingers_behind(points: np.ndarray, mask) -> bool:
         return False
     ys, xs = np.nonzero(m[::4, ::4])
     mu = np.array([xs.mean() * 4.0, ys.mean() * 4.0])
-    return _finger_end_sign(m, v / np.hypot(*v), mu) < 0
+    return finger_end_sign(m, v / np.hypot(*v), mu) < 0
 
 
 def snapped_if_off_hand(points: np.ndarray, mask) -> np.ndarray | None:

@@ -159,7 +159,7 @@ def mask_alignment(mask: np.ndarray, cfg) -> tuple[np.ndarray, dict]:
     # which end carries the fingers: rows across the hand near that end cross several fingers
     # (runs of mask), rows near the forearm end cross one; the older area/border rule breaks ties
     ext = hi - lo
-    sign = _finger_end_sign(m, e1, mu)
+    sign = finger_end_sign(m, e1, mu)
     if sign == 0:
         area_hi = np.mean(a > hi - 0.15 * ext)
         area_lo = np.mean(a < lo + 0.15 * ext)
@@ -218,7 +218,7 @@ def _occupancy(m: np.ndarray, along: np.ndarray, across: np.ndarray, mu: np.ndar
     return cv2.morphologyEx(grid, cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8)) > 0
 
 
-def _finger_end_sign(m: np.ndarray, e1: np.ndarray, mu: np.ndarray) -> int:
+def finger_end_sign(m: np.ndarray, e1: np.ndarray, mu: np.ndarray) -> int:
     """+1 when the fingers lie towards +e1, -1 towards -e1, 0 when the rows cannot tell."""
     e2 = np.array([-e1[1], e1[0]])
     grid = _occupancy(m, e1, e2, mu)

@@ -64,7 +64,7 @@ def build_unet(cfg) -> torch.nn.Module:
         dec.append(max(8, dec[-1] // 2) if dec else 16)
     model = smp.Unet(encoder_name=cfg.encoder, encoder_depth=depth, encoder_weights=None,
                      decoder_use_norm="batchnorm", decoder_channels=dec, in_channels=1, classes=1)
-    wp = getattr(cfg, "weights_path", "")
+    wp = cfg.weights_path
     if wp and Path(wp).is_file():
         state = torch.load(wp, map_location="cpu", weights_only=True)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -131,15 +131,15 @@ def prob_to_masks(prob: np.ndarray, inner: tuple[int, int], size: tuple[int, int
     h, w = size
     crop = np.ascontiguousarray(prob[:nh, :nw].astype(np.float32))
     raw = cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR) > 0.5
-    field = exposed_field(image) if image is not None and getattr(cfg, "clip_bright_bands", False) else True
-    hand = postprocess_mask(raw & field, getattr(cfg, "smooth_sigma_frac", 0.004), getattr(cfg, "dilate_frac", 0.0))
-    band = round(float(getattr(cfg, "refine_edge_work_px", 0.0)) * max(h, w) / max(nh, nw))
+    field = exposed_field(image) if image is not None and cfg.clip_bright_bands else True
+    hand = postprocess_mask(raw & field, cfg.smooth_sigma_frac, cfg.dilate_frac)
+    band = round(float(cfg.refine_edge_work_px) * max(h, w) / max(nh, nw))
     if image is not None and band >= 1:  # after the dilation: a mask a little too wide is pulled back to the edge
         hand = select_hand_component(refine_edges(image, hand, band) & field)
-    grow = float(getattr(cfg, "fingertip_grow_frac", 0.0))
-    margin = float(getattr(cfg, "fingertip_margin_frac", 0.0)) * max(h, w)
+    grow = float(cfg.fingertip_grow_frac)
+    margin = float(cfg.fingertip_margin_frac) * max(h, w)
     if image is not None and (grow > 0 or margin >= 0.5):  # faint fingertip soft tissue the network left out
-        hand = extend_fingertips(image, hand, grow, float(getattr(cfg, "fingertip_k_noise", 3.0)), margin_px=margin)
+        hand = extend_fingertips(image, hand, grow, float(cfg.fingertip_k_noise), margin_px=margin)
         if not isinstance(field, bool):
             hand = select_hand_component(hand & field)
     return raw, hand
@@ -262,7 +262,7 @@ def _work_mask_from_prob(prob: np.ndarray, inner: tuple[int, int], cfg) -> np.nd
     """Post-processed mask in the working square (used for labels and scoring)."""
     nh, nw = inner
     m = np.zeros(prob.shape, bool)
-    m[:nh, :nw] = postprocess_mask(prob[:nh, :nw] > 0.5, getattr(cfg, "smooth_sigma_frac", 0.004), 0.0)
+    m[:nh, :nw] = postprocess_mask(prob[:nh, :nw] > 0.5, cfg.smooth_sigma_frac, 0.0)
     return m
 
 
@@ -439,11 +439,11 @@ def predict_masks_with_raw(model: torch.nn.Module, images: list[np.ndarray], cfg
     if not images:
         return []
     s = int(cfg.work_size_px)
-    bs = max(1, int(getattr(cfg, "predict_batch_size", 16)))
+    bs = max(1, int(cfg.predict_batch_size))
     works = [to_work(img, s) for img in images]
     probs = predict_probs(model, np.stack([w.image for w in works]), device, bs)
     pairs = [prob_to_masks(p, w.inner, w.size, cfg, img) for p, w, img in zip(probs, works, images)]
-    retry_q = float(getattr(cfg, "polarity_retry_quality", 0.8))
+    retry_q = float(cfg.polarity_retry_quality)
     quals = [mask_quality(m)[0] for _, m in pairs]
     redo = [k for k, img in enumerate(images) if quals[k] < retry_q or polarity_score(img) < 0.0]
     if redo:
@@ -459,7 +459,7 @@ def predict_masks_with_raw(model: torch.nn.Module, images: list[np.ndarray], cfg
             q2 = mask_quality(pair2[1])[0]
             if q2 > quals[k] + 0.2:  # clearly more hand-like: quality alone also likes background blobs
                 pairs[k], quals[k] = pair2, q2
-    tilt_deg = float(getattr(cfg, "upright_retry_deg", 0.0))
+    tilt_deg = float(cfg.upright_retry_deg)
     if tilt_deg > 0:
         for k, img in enumerate(images):
             pairs[k], quals[k] = _upright_retry(model, img, pairs[k], quals[k], tilt_deg, cfg, device)
