@@ -5,7 +5,8 @@
     autocast + channels-last against fp32;
 (2) the real training loop of `boneage.training` (CropDataset reading PNG crops from disk,
     albumentations augmentation, DataLoader with workers and pinned memory, `train_one_epoch`)
-    on random crops written to a temporary folder first, with and without bf16 + channels-last.
+    on random crops written to a temporary folder first, with and without bf16 + channels-last,
+    and the DataLoader alone (no model), to tell a loader bound from a compute bound.
 
 Prints a table and writes `gpu_train_speed.json` to $OUT (or --out) when set.
 
@@ -89,6 +90,26 @@ def write_crops(folder: Path, hw, n: int) -> list[Path]:
     return paths
 
 
+def loader_only(paths, hw, cfg, device) -> float:
+    """Images per second the real DataLoader delivers (read, augment, collate, pin, copy to the device), no model."""
+    from boneage.training import CropDataset, _to_device, build_train_transform, make_loader
+
+    t = cfg.train
+    rng = np.random.default_rng(1)
+    ds = CropDataset(paths, rng.integers(0, 2, len(paths)), rng.uniform(1, 240, len(paths)), hw,
+                     build_train_transform(t))
+    loader = make_loader(ds, t, device, shuffle=True, drop_last=True)
+    for x, *_ in loader:  # warm-up epoch: workers start
+        _to_device(x, device, t)
+    sync(device)
+    t0, n = time.perf_counter(), 0
+    for x, *_ in loader:
+        _to_device(x, device, t)
+        n += len(x)
+    sync(device)
+    return n / (time.perf_counter() - t0)
+
+
 def real_loop(paths, hw, cfg, device, fast: bool, epochs: int) -> float:
     """Images per second of `train_one_epoch` over PNG crops read by the real DataLoader (first epoch: warm-up)."""
     from boneage.training import (
@@ -129,6 +150,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seconds", type=float, default=6.0, help="timed seconds per compute-bound figure")
     ap.add_argument("--n-crops", type=int, default=1024, help="PNG crops per size for the real loop")
     ap.add_argument("--epochs", type=int, default=2, help="timed epochs of the real loop (after one warm-up)")
+    ap.add_argument("--repeat", type=int, default=4,
+                    help="each crop appears this many times per epoch (epochs as long as a real one's, so that the "
+                         "loader's start at each epoch does not dominate; written once, read from the page cache)")
     ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--skip-real", action="store_true")
@@ -170,6 +194,11 @@ def main(argv=None) -> None:
                 t0 = time.perf_counter()
                 paths = write_crops(Path(tmp) / r, hw, args.n_crops)
                 print(f"  wrote {len(paths)} crops {hw[0]}x{hw[1]} in {time.perf_counter() - t0:.1f} s", flush=True)
+                paths = paths * max(1, args.repeat)
+                ips = loader_only(paths, hw, cfg, device)
+                rows.append({"part": "loader_only", "region": r, "hw": list(hw), "mode": "uint8 to device",
+                             "img_per_s": round(ips, 1), "workers": args.workers})
+                print(f"loader   {r} {hw[0]}x{hw[1]:<4} {'no model':<20} {ips:8.1f} img/s", flush=True)
                 for label, fast in modes:
                     ips = real_loop(paths, hw, cfg, device, fast, args.epochs)
                     rows.append({"part": "real_loop", "region": r, "hw": list(hw), "mode": label,

@@ -48,8 +48,10 @@ def radiograph(mask: np.ndarray, seed: int = 0, letters: bool = True, band: bool
     img[(bones > 0) & inner] = 190.0
     img += rng.normal(0, 4, mask.shape)
     if letters:
-        cv2.putText(img, "L", (200, 300), cv2.FONT_HERSHEY_SIMPLEX, 1.0, 235, 3)
-        cv2.putText(img, "R2", (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.8, 235, 2)
+        text = np.zeros(mask.shape, np.uint8)  # OpenCV 5 draws text on 8-bit images only
+        cv2.putText(text, "L", (200, 300), cv2.FONT_HERSHEY_SIMPLEX, 1.0, 255, 3)
+        cv2.putText(text, "R2", (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.8, 255, 2)
+        img[text > 0] = 235.0
     if band:
         img[:, -10:] = 250.0  # unexposed film outside the collimation
     return np.clip(img, 0, 255).astype(np.uint8)

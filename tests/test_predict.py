@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import pytest
 
+from boneage import masks as real_masks
 from boneage.assess import (
     LoadedModels,
     assess_image,
@@ -53,6 +54,7 @@ def fakes(monkeypatch):
     seg.predict_mask = lambda model, image, c, dev: image > 60
     seg.predict_mask_and_raw = lambda model, image, c, dev: (image > 60, image > 60)
     masks = types.ModuleType("boneage.masks")
+    masks.defect_depths = real_masks.defect_depths  # plain geometry, used by the self-check's shape part
     masks.mask_quality = lambda m: (knobs.mask_quality, "" if knobs.mask_quality >= 0.5 else "low_quality")
     masks.clean_radiograph = lambda image, m, c: (np.where(m, image, 0).astype(np.uint8),
                                                   {"inverted": False, "kept_area_frac": float(m.mean()), "flag": "",

@@ -274,3 +274,27 @@ def test_resolution_and_jpeg_augmentation_soften_or_block_the_crop():
     for kw in ({"aug_downscale": "[0.5,0.2]"}, {"aug_jpeg_quality": "[0,50]"}):
         with pytest.raises(ConfigError):
             build_train_transform(base(**kw))
+
+
+def test_crops_travel_as_bytes_and_reach_the_model_in_unit_range(tmp_path):
+    """The loader hands 8-bit crops (a quarter of the bytes through worker shared memory and the host-to-GPU copy);
+    `_to_device` scales them to [0, 1] there; a float batch (a single crop at inference) passes unchanged; every
+    augmentation the profiles switch on keeps crops 8-bit, as the dataset demands."""
+    from boneage.training import CropDataset, _to_device, build_train_transform
+
+    make_work(tmp_path)
+    paths = sorted((tmp_path / "work" / "crops" / "A").glob("*.png"))[:3]
+    img = cv2.imread(str(paths[0]), cv2.IMREAD_GRAYSCALE)
+    full = load_config("configs/full.yaml", ["train.aug_downscale_p=1", "train.aug_jpeg_p=1"]).train
+    ds = CropDataset(paths, [1, 0, 1], [10.0, 20.0, 30.0], tuple(SIZES["A"]), build_train_transform(full))
+    plain = CropDataset(paths, [1, 0, 1], [10.0, 20.0, 30.0], tuple(SIZES["A"]))
+    x, male, age, i = ds[0]
+    assert x.dtype == torch.uint8 and tuple(x.shape) == (1, *SIZES["A"]) and i == 0 and float(age) == 10.0
+    tcfg = load_config("configs/smoke.yaml", ["train.channels_last=true"]).train
+    xb = torch.stack([plain[k][0] for k in range(3)])
+    on_device = _to_device(xb, torch.device("cpu"), tcfg)
+    assert on_device.dtype == torch.float32 and on_device.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(on_device[0, 0], torch.from_numpy(img).float() / 255.0)
+    assert 0.0 <= float(on_device.min()) and float(on_device.max()) <= 1.0
+    already = torch.rand(2, 1, 8, 8)
+    assert torch.equal(_to_device(already, torch.device("cpu"), tcfg), already)

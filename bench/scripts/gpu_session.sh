@@ -31,21 +31,21 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
   tail -n 25 "$OUT/$name.log"
 }
 
-part speed 200 $PY bench/gpu_train_speed.py --seconds 4 --epochs 2 --n-crops 1024 --workers 12 --out "$OUT"
+part speed 220 $PY bench/gpu_train_speed.py --seconds 3 --epochs 1 --repeat 4 --n-crops 1024 --workers 12 --out "$OUT"
 
 G=/tmp/gpu_smoke
 dirs=(--set input_dir=$G/input --set work_dir=$G/work --set folds_dir=$G/folds --set oof_dir=$G/oof
       --set submissions_dir=$G/submissions --set threads=8)
-part smoke_chain 120 bash -c "$PY src/00_make_demo_data.py --config configs/smoke.yaml ${dirs[*]} &&
+part smoke_chain 90 bash -c "$PY src/00_make_demo_data.py --config configs/smoke.yaml ${dirs[*]} &&
   PYTHON=$PY bash run_all.sh --config configs/smoke.yaml ${dirs[*]} &&
   img=\$(ls $G/input/boneage-test-dataset/* | head -n 1) &&
   $PY src/predict.py \$img --sex F --config configs/smoke.yaml ${dirs[*]} --out $G/predict --force &&
   ls $G/submissions $G/predict && head -n 3 $G/submissions/*.csv"
 
 one=(--set "train.regions=[A]" --set "train.heads=[reg]" --set train.epochs=2)
-part torchrun 60 $PY -m torch.distributed.run --standalone --nproc_per_node=1 src/06_train.py --config configs/smoke.yaml "${dirs[@]}" \
+part torchrun 40 $PY -m torch.distributed.run --standalone --nproc_per_node=1 src/06_train.py --config configs/smoke.yaml "${dirs[@]}" \
   "${one[@]}" --set oof_dir=$G/oof_ddp --force
-part compile 100 $PY src/06_train.py --config configs/smoke.yaml "${dirs[@]}" "${one[@]}" \
+part compile 70 $PY src/06_train.py --config configs/smoke.yaml "${dirs[@]}" "${one[@]}" \
   --set oof_dir=$G/oof_compile --set train.compile=true --force
-part tests 120 $PY -m pytest -q -p no:cacheprovider tests -n 8
+part tests 90 $PY -m pytest -q -p no:cacheprovider tests -n 8
 echo "== done $(date -u)"

@@ -318,13 +318,8 @@ def mask_checks(raw_mask: np.ndarray, hand_mask: np.ndarray | None, cfg) -> dict
     hull_area = cv2.contourArea(cv2.convexHull(c))
     out["hand_solidity"] = float(cv2.contourArea(c) / hull_area) if hull_area > 0 else float("nan")
     if len(c) >= 5 and hull_area > 0:
-        try:
-            defects = cv2.convexityDefects(c, np.sort(cv2.convexHull(c, returnPoints=False), axis=0))
-        except cv2.error:
-            defects = None
-        if defects is not None:
-            depth = defects[:, 0, 3] / 256.0
-            out["finger_gaps"] = int((depth > cfg.predict.finger_gap_depth_frac * math.sqrt(hull_area)).sum())
+        depth = _mod("masks").defect_depths(c)
+        out["finger_gaps"] = int((depth > cfg.predict.finger_gap_depth_frac * math.sqrt(hull_area)).sum())
     return out
 
 

@@ -129,6 +129,18 @@ def count_components(mask: np.ndarray, min_frac: float = 0.001) -> int:
 
 
 # ----------------------------------------------------------------------------------------- quality
+def defect_depths(contour: np.ndarray) -> np.ndarray:
+    """Depths in pixels of a contour's convexity defects (empty when OpenCV finds none or refuses the contour).
+    OpenCV 4 returns them as (N, 1, 4), OpenCV 5 as (N, 4); the depth is the last field, in 1/256 px."""
+    try:
+        defects = cv2.convexityDefects(contour, np.sort(cv2.convexHull(contour, returnPoints=False), axis=0))
+    except cv2.error:
+        defects = None
+    if defects is None:
+        return np.zeros(0)
+    return np.asarray(defects).reshape(-1, 4)[:, 3] / 256.0
+
+
 def shape_features(mask: np.ndarray) -> dict:
     """Geometry of the largest component of a bool mask (computed at <= 256 px for speed)."""
     m = mask.astype(np.uint8)
@@ -149,14 +161,8 @@ def shape_features(mask: np.ndarray) -> dict:
     feats["solidity"] = float(area / hull_area) if hull_area > 0 else 0.0
     # finger gaps: convexity defects deeper than a share of the hand's size
     if len(c) >= 5 and area > 0:
-        hull_idx = cv2.convexHull(c, returnPoints=False)
-        try:
-            defects = cv2.convexityDefects(c, np.sort(hull_idx, axis=0))
-        except cv2.error:
-            defects = None
-        if defects is not None:
-            depth = defects[:, 0, 3] / 256.0
-            feats["defects"] = int((depth > 0.12 * np.sqrt(hull_area)).sum())
+        depth = defect_depths(c)
+        feats["defects"] = int((depth > 0.12 * np.sqrt(hull_area)).sum())
     # straight edges (collimation borders, rulers): polygon sides longer than a quarter of the long
     # side, not lying on the image border, summed and divided by the long side
     long_side = max(h, w)
