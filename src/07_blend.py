@@ -30,7 +30,7 @@ def main(cfg, args):
     sex_by_id = pd.Series(["M" if m else "F" for m in train["male"]], index=train["id"])
     folds = read_folds(cfg.folds_path / "folds.csv")
     data = read_oof_dir(cfg.oof_path, folds, sex_by_id, regions=cfg.blend.regions)
-    blend = fit_blend(data, cfg.blend.method, cfg.blend.ridge_alpha)
+    blend = fit_blend(data, cfg.blend.method, cfg.blend.ridge_alpha, cfg.blend.fallback_single)
     out = cfg.submissions_path
     blend_json = blend.to_json()
     atomic_write_json(out / "blend.json", blend_json)

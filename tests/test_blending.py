@@ -103,6 +103,38 @@ def test_blend_recovers_known_coefficients(tmp_path):
     assert set(js["sexes"]) == {"F", "M"}
 
 
+def test_degenerate_blend_falls_back_to_its_best_model(tmp_path):
+    """40 radiographs, 2 folds, models that barely move (a 1-epoch smoke run): a linear fit on their noise
+    extrapolates wildly out of fold. The blend is then replaced by its best model alone, per sex, and says so."""
+    s = make_oof(tmp_path, n=40, n_test=10, n_folds=2)
+    rng = np.random.default_rng(1)
+    for k, f in enumerate(sorted((tmp_path / "oof").glob("*.csv"))):
+        df = pd.read_csv(f, dtype={"id": str})
+        df["pred"] = 110.0 + 5 * k + rng.normal(0, 0.05, len(df))  # nearly constant, different levels
+        df.to_csv(f, index=False)
+    data = read_oof_dir(tmp_path / "oof", read_folds(tmp_path / "folds" / "folds.csv"))
+    raw = fit_blend(data, "nnls", fallback_single=False)
+    blend = fit_blend(data, "nnls")
+    js = blend.to_json()
+    pred = apply_blend_to_test(js, data, s["test_ids"], list(s["test_sex"]))
+    fell_back = []
+    for sex in ("F", "M"):
+        b, r = blend.sexes[sex], raw.sexes[sex]
+        best = min(b.single_mae, key=b.single_mae.get)
+        assert r.fallback == ""
+        if r.oof_mae <= b.single_mae[best]:  # the fitted blend held its own: kept as fitted
+            assert b.fallback == "" and b.coef == r.coef and b.oof_mae == r.oof_mae
+            continue
+        fell_back.append(sex)
+        assert b.fallback == "best_single" and js["sexes"][sex]["fallback"] == "best_single"
+        assert dict(zip(b.models, b.coef)) == {m: (1.0 if m == best else 0.0) for m in b.models}
+        assert b.intercept == 0.0 and b.oof_mae == pytest.approx(b.single_mae[best])
+        test_best = pd.read_csv(tmp_path / "oof" / f"{best}.test.csv", dtype={"id": str}).set_index("id")["pred"]
+        rows = pred[pred["id"].isin([i for i, x in zip(s["test_ids"], s["test_sex"]) if x == sex])]
+        assert np.allclose(rows["boneage"].to_numpy(), test_best.loc[rows["id"]].to_numpy(), atol=0.01)
+    assert fell_back == ["F"]  # F's fitted blend: OOF MAE 82 against 56 for its best model (M's: 46 against 52)
+
+
 def test_ridge_option_and_bad_method(tmp_path):
     make_oof(tmp_path, n=300)
     data = read_oof_dir(tmp_path / "oof", read_folds(tmp_path / "folds" / "folds.csv"))

@@ -294,6 +294,7 @@ class SexBlend:
     fold_mae: dict[int, float]
     single_mae: dict[str, float]  # each model's raw OOF MAE on this sex
     calibration: dict[str, tuple[float, float]] = field(default_factory=dict)  # model -> (slope, intercept)
+    fallback: str = ""  # "best_single" when the fitted blend did worse out of fold than its best model alone
     holdout: pd.DataFrame | None = None  # id, sex, boneage, pred (blend with the final coefficients)
     holdout_mae: float | None = None
 
@@ -308,6 +309,7 @@ class Blend:
     method: str
     ridge_alpha: float
     sexes: dict[str, SexBlend] = field(default_factory=dict)
+    fallback_single: bool = True
 
     def oof_frame(self) -> pd.DataFrame:
         return pd.concat([b.oof[["id", "fold", "sex", "boneage", "pred"]] for b in self.sexes.values()],
@@ -333,6 +335,7 @@ class Blend:
                     "fold_mae": {str(k): round(v, 4) for k, v in b.fold_mae.items()},
                     "single_model_oof_mae": {m: round(v, 4) for m, v in b.single_mae.items()},
                     "holdout_mae": None if b.holdout_mae is None else round(b.holdout_mae, 4),
+                    "fallback": b.fallback,
                     "n_oof": int(len(b.oof)),
                 }
                 for s, b in self.sexes.items()
@@ -350,8 +353,12 @@ def blend_coefficients(blend_json: dict, sex: str) -> tuple[list[str], np.ndarra
         raise StageInputError(f"blend.json has no usable coefficients for sex {sex} ({exc})") from None
 
 
-def fit_sex_blend(data: OofSet, sex: str, method: str, ridge_alpha: float, models: list[str] | None = None) -> SexBlend:
-    """Fit the blend of one sex over `models` (default: every model covering that sex)."""
+def fit_sex_blend(data: OofSet, sex: str, method: str, ridge_alpha: float, models: list[str] | None = None,
+                  fallback_single: bool = True, warn: bool = True) -> SexBlend:
+    """Fit the blend of one sex over `models` (default: every model covering that sex). With `fallback_single`,
+    a blend whose cross-validated OOF MAE is worse than its best model's own OOF MAE is replaced by that model
+    alone (coefficient 1, intercept 0): on few radiographs or undertrained, nearly constant models, a linear
+    fit extrapolates (a 2-fold smoke run gave blend coefficients in the hundreds, OOF MAE 5,962 months)."""
     names = models if models is not None else [m.name for m in data.covering(sex)]
     if not names:
         raise StageInputError(f"no model covers sex {sex}; cannot blend")
@@ -377,8 +384,19 @@ def fit_sex_blend(data: OofSet, sex: str, method: str, ridge_alpha: float, model
         x = X[n].to_numpy(float)
         slope, icpt = np.polyfit(x, y, 1) if np.ptp(x) > 0 else (1.0, 0.0)
         calib[n] = (float(slope), float(icpt))
-    sb = SexBlend(sex, list(names), [float(c) for c in est.coef_], float(est.intercept_), oof,
-                  float(np.mean(np.abs(pred - y))), fold_mae, single, calib)
+    coef, intercept, fallback = [float(c) for c in est.coef_], float(est.intercept_), ""
+    best = min(single, key=single.get)
+    fitted_mae = float(np.mean(np.abs(np.clip(pred, 0, 240) - y)))
+    if fallback_single and fitted_mae > single[best]:
+        (log.warning if warn else log.debug)(
+            "sex %s: the blend's OOF MAE %.2f is worse than %s alone (%.2f); that model is used alone",
+            sex, fitted_mae, best, single[best])
+        coef, intercept, fallback = [1.0 if n == best else 0.0 for n in names], 0.0, "best_single"
+        pred = X[best].to_numpy(float)
+        oof["pred"] = pred
+        fold_mae = {int(k): float(np.mean(np.abs(pred[folds == k] - y[folds == k]))) for k in np.unique(folds)}
+    sb = SexBlend(sex, list(names), coef, intercept, oof, float(np.mean(np.abs(pred - y))), fold_mae, single, calib,
+                  fallback=fallback)
     if names and all(n in data.holdout for n in names):
         h0 = data.holdout[names[0]]
         hids = list(h0.loc[h0["sex"] == sex, "id"])
@@ -393,16 +411,16 @@ def fit_sex_blend(data: OofSet, sex: str, method: str, ridge_alpha: float, model
     return sb
 
 
-def fit_blend(data: OofSet, method: str = "nnls", ridge_alpha: float = 1.0) -> Blend:
+def fit_blend(data: OofSet, method: str = "nnls", ridge_alpha: float = 1.0, fallback_single: bool = True) -> Blend:
     """Per-sex blends over every model covering each sex (sexes with no OOF rows are skipped)."""
     make_estimator(method, ridge_alpha)  # fail early on a bad method
-    blend = Blend(method, ridge_alpha)
+    blend = Blend(method, ridge_alpha, fallback_single=fallback_single)
     for sex in SEXES:
         covering = data.covering(sex)
         if not covering or not (data.oof[covering[0].name]["sex"] == sex).any():
             log.warning("no out-of-fold rows of sex %s; no blend for it", sex)
             continue
-        blend.sexes[sex] = fit_sex_blend(data, sex, method, ridge_alpha)
+        blend.sexes[sex] = fit_sex_blend(data, sex, method, ridge_alpha, fallback_single=fallback_single)
         b = blend.sexes[sex]
         log.info("blend %s: OOF MAE %.2f (best single %.2f, %s)", sex, b.oof_mae, min(b.single_mae.values()),
                  min(b.single_mae, key=b.single_mae.get))

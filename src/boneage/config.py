@@ -249,6 +249,8 @@ class BlendConfig:
 
     method: str = "nnls"  # nnls (non-negative coefficients + intercept) or ridge
     ridge_alpha: float = 1.0
+    # a per-sex blend that does worse out of fold than its best model alone is replaced by that model
+    fallback_single: bool = True
     # inputs whose models are blended; the ablation's whole-radiograph models (raw, clean) are left out
     regions: list[str] = field(default_factory=lambda: ["A", "B", "C"])
     check_top_n: int = 10  # test cases listed for a person to check

@@ -71,18 +71,18 @@ def _single_best(data: OofSet, sex: str | None, keep) -> tuple[float, str] | Non
     return best
 
 
-def _blend_errors(data: OofSet, sex: str, keep, method: str, alpha: float) -> np.ndarray | None:
+def _blend_errors(data: OofSet, sex: str, keep, blend: Blend) -> np.ndarray | None:
     names = [m.name for m in data.covering(sex) if keep(m)]
     if not names:
         return None
-    b = fit_sex_blend(data, sex, method, alpha, models=names)
+    b = fit_sex_blend(data, sex, blend.method, blend.ridge_alpha, models=names,
+                      fallback_single=blend.fallback_single, warn=False)
     return np.abs(np.clip(b.oof["pred"].to_numpy(), 0, 240) - b.oof["boneage"].to_numpy())
 
 
 def paper_table(data: OofSet, blend: Blend) -> pd.DataFrame:
     """The paper's table for this run (OOF MAE, months): rows A, B, C, ensemble; columns pooled
     regression, regression F / M, classification F / M, everything; paper figures alongside."""
-    method, alpha = blend.method, blend.ridge_alpha
     sexes = [s for s in SEXES if s in blend.sexes]
     both_modes = ("pooled", "sex_input")
     cols = {
@@ -101,7 +101,7 @@ def paper_table(data: OofSet, blend: Blend) -> pd.DataFrame:
 
             if key == "reg_both":
                 if region == "ensemble":
-                    errs = [e for s in sexes if (e := _blend_errors(data, s, keep, method, alpha)) is not None]
+                    errs = [e for s in sexes if (e := _blend_errors(data, s, keep, blend)) is not None]
                     cell = _fmt(float(np.mean(np.concatenate(errs)))) if errs else ""
                 else:
                     best = _single_best(data, None, keep)
@@ -112,14 +112,14 @@ def paper_table(data: OofSet, blend: Blend) -> pd.DataFrame:
                     if s not in sexes:
                         parts.append("")
                     elif region == "ensemble":
-                        e = _blend_errors(data, s, keep, method, alpha)
+                        e = _blend_errors(data, s, keep, blend)
                         parts.append(_fmt(float(e.mean())) if e is not None else "")
                     else:
                         best = _single_best(data, s, keep)
                         parts.append(_fmt(best[0]) if best else "")
                 cell = " / ".join(parts) if any(parts) else ""
             else:
-                errs = [e for s in sexes if (e := _blend_errors(data, s, keep, method, alpha)) is not None]
+                errs = [e for s in sexes if (e := _blend_errors(data, s, keep, blend)) is not None]
                 cell = _fmt(float(np.mean(np.concatenate(errs)))) if errs else ""
             row[key] = cell
             row[key + "_paper"] = PAPER_TABLE.get(region, {}).get(key, "")
