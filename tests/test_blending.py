@@ -101,6 +101,16 @@ def test_blend_recovers_known_coefficients(tmp_path):
     js = blend.to_json()
     json.dumps(js)  # plain JSON
     assert set(js["sexes"]) == {"F", "M"}
+    # the self-check's reference: quantiles of the spread between the regions' calibrated estimates, recomputed
+    b = blend.sexes["F"]
+    est = [np.polyval(np.polyfit(b.oof[m], b.oof["boneage"], 1), b.oof[m])
+           for m in ("reg_A_sex_input_vgg", "cls_B_sex_input_vgg", "reg_C_sex_input_vgg")]
+    spread = np.max(est, axis=0) - np.min(est, axis=0)
+    q = js["sexes"]["F"]["region_spread_oof_quantiles"]
+    assert list(q) == ["0.5", "0.8", "0.9", "0.95", "0.98", "0.99", "0.995", "0.999"]
+    assert q["0.5"] == pytest.approx(np.median(spread), abs=0.01) and q["0.99"] == pytest.approx(
+        np.quantile(spread, 0.99), abs=0.01)
+    assert 5 < q["0.5"] < q["0.9"] < q["0.995"] < 60  # noise SDs 4 (A), 12 (B), 8 (C) after calibration
 
 
 def test_degenerate_blend_falls_back_to_its_best_model(tmp_path):

@@ -27,6 +27,7 @@ from boneage.assess import (
     render_assessment_png,
 )
 from boneage.config import load_config
+from boneage.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 PREDS = {"reg_A_sex_input_vgg": (120.0, 2.0, None), "cls_C_sex_input_vgg": (130.0, 4.0, 6.0),
@@ -282,3 +283,31 @@ def test_cli_folder_mixed(cli, tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "a.json").read_text())["status"] == "ok"
     assert json.loads((tmp_path / "out" / "b.json").read_text())["status"] == "error"
     assert not (tmp_path / "out" / "readme.json").exists()
+
+
+def test_regions_part_calibrated_on_the_blends_out_of_fold_spread(fakes, cfg):
+    """The spread between the region estimates (F: A 120, B 110, C 130 -> 20 months) is scored against the
+    quantiles of the same spread over the out-of-fold rows that stage 7 stored in blend.json: part 1 up to the
+    0.9 quantile, 0.5 at the 0.995 quantile. Without them, the fixed months of the config (24 / 36) apply."""
+    import copy
+    import math
+
+    def with_ref(q90, q995):
+        b = copy.deepcopy(BLEND)
+        b["sexes"]["F"]["region_spread_oof_quantiles"] = {"0.5": 2.0, "0.9": q90, "0.995": q995}
+        return _models(b)
+
+    r = assess_image(hand_image(), False, _models(), cfg)
+    assert r["qc"]["region_spread_months"] == pytest.approx(20.0) and r["qc"]["quality_parts"]["regions"] == 1.0
+    assert r["qc"]["region_spread_ok_scale_months"] == [24.0, 36.0]
+    tight = assess_image(hand_image(), False, with_ref(5.0, 16.0), cfg)  # 20 months is beyond this blend's 99.5 %
+    assert tight["qc"]["quality_parts"]["regions"] == pytest.approx(math.exp(-15 * math.log(2) / 11), abs=1e-3)
+    assert tight["status"] == "rejected" and any("regions" in x for x in tight["rejection_reasons"])
+    loose = assess_image(hand_image(), False, with_ref(5.0, 40.0), cfg)
+    assert loose["status"] == "ok"
+    assert loose["qc"]["quality_parts"]["regions"] == pytest.approx(math.exp(-15 * math.log(2) / 35), abs=1e-3)
+    fixed = load_config(None, ["register.canvas_scale=0.1", "predict.region_spread_calibrated=false"])
+    assert assess_image(hand_image(), False, with_ref(5.0, 16.0), fixed)["qc"]["quality_parts"]["regions"] == 1.0
+    bad = load_config(None, ["register.canvas_scale=0.1", "predict.region_spread_half_quantile=0.97"])
+    with pytest.raises(ConfigError, match="region_spread"):
+        assess_image(hand_image(), False, with_ref(5.0, 16.0), bad)

@@ -60,8 +60,8 @@ from pathlib import Path
 
 import numpy as np
 
-from boneage.blending import blend_calibration, blend_uncertainty, parse_model_name
-from boneage.errors import StageInputError
+from boneage.blending import blend_calibration, blend_uncertainty, parse_model_name, region_spreads
+from boneage.errors import ConfigError, StageInputError
 from boneage.gp import assess_against_gp
 
 log = logging.getLogger(__name__)
@@ -352,6 +352,20 @@ def _decay(x: float, ok: float, scale: float) -> float:
     return float(math.exp(-max(x - ok, 0.0) / max(scale, 1e-6)))
 
 
+def region_spread_scale(ref: dict | None, cfg) -> tuple[float, float]:
+    """(ok, scale) of the regions part: from the blend's out-of-fold spread quantiles (`ref`, keys like "0.995")
+    when `predict.region_spread_calibrated` and both configured quantiles are there, else the fixed months."""
+    p = cfg.predict
+    ok_key, half_key = f"{p.region_spread_ok_quantile:g}", f"{p.region_spread_half_quantile:g}"
+    if p.region_spread_calibrated and ref:
+        if ok_key not in ref or half_key not in ref or p.region_spread_ok_quantile >= p.region_spread_half_quantile:
+            raise ConfigError(f"predict.region_spread_ok_quantile / _half_quantile must be two of {sorted(ref)} "
+                              f"(ok below half), got {ok_key} / {half_key}")
+        ok, half = float(ref[ok_key]), float(ref[half_key])
+        return ok, max(half - ok, 1.0) / math.log(2.0)
+    return p.region_spread_ok_months, p.region_spread_scale_months
+
+
 def extra_parts(qc: dict, parts: dict, cfg) -> dict:
     """`parts` plus `regions` (spread between the regions' estimates), `noise` (pixel noise inside the hand) and
     `cls_spread` (the cls heads' width, relative to the models' typical validation width when known, else in
@@ -359,7 +373,8 @@ def extra_parts(qc: dict, parts: dict, cfg) -> dict:
     p = cfg.predict
     parts = dict(parts)
     if qc.get("region_spread_months") is not None and "regions" not in parts:
-        parts["regions"] = _decay(qc["region_spread_months"], p.region_spread_ok_months, p.region_spread_scale_months)
+        ok, scale = region_spread_scale(qc.get("region_spread_ref"), cfg)
+        parts["regions"] = _decay(qc["region_spread_months"], ok, scale)
     if qc.get("noise_sigma") is not None and "noise" not in parts:
         parts["noise"] = _decay(qc["noise_sigma"], p.noise_ok_sigma, p.noise_scale_sigma)
     if "cls_spread" not in parts:
@@ -586,7 +601,7 @@ def assess_image_full(image: np.ndarray, male: bool, models: LoadedModels, cfg, 
 
     agree_sd = math.hypot(unc["fold_sd"], unc["model_sd"])
     parts = quality_parts(mask_q, kp_conf, reg, agree_sd, cfg)
-    region_spread = float(max(region_est.values()) - min(region_est.values())) if len(region_est) > 1 else None
+    region_spread = float(region_spreads(P, names, calib)[0]) if len(region_est) > 1 else None  # as stage 7's
     cls_w = [w for w, c in zip(W[0], is_cls) if c and np.isfinite(w)]
     cls_width = float(np.mean(cls_w)) if cls_w else None
     typ = getattr(models, "typical_cls_width", {}) or {}
@@ -595,6 +610,8 @@ def assess_image_full(image: np.ndarray, male: bool, models: LoadedModels, cfg, 
     qc_in = {**img_qc, **shape_qc, "mask_area_frac": area, "quality_parts": parts,
              "noise_sigma": float(info.get("noise_sigma", 0.0)),
              **({"region_spread_months": region_spread} if region_spread is not None else {}),
+             "region_spread_ref": ((models.blend or {}).get("sexes", {}).get(sex, {})
+                                   .get("region_spread_oof_quantiles") if kind == "blend" else None),
              **({"cls_width_months": cls_width} if cls_width is not None else {}),
              **({"cls_width_ratio": cls_ratio} if cls_ratio is not None else {})}
     parts = extra_parts(qc_in, parts, cfg)
@@ -616,7 +633,9 @@ def assess_image_full(image: np.ndarray, male: bool, models: LoadedModels, cfg, 
             "quality_parts": {k: round(v, 3) for k, v in parts.items()},
             **img_qc, **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in shape_qc.items()},
             "agreement_sd_months": round(agree_sd, 2),
-            "region_spread_months": _r(region_spread), "cls_width_months": _r(cls_width),
+            "region_spread_months": _r(region_spread),
+            "region_spread_ok_scale_months": [_r(v) for v in region_spread_scale(qc_in["region_spread_ref"], cfg)],
+            "cls_width_months": _r(cls_width),
             "cls_width_ratio": _r(cls_ratio, 3),
             "mask_quality": round(float(mask_q), 3), "mask_area_frac": round(area, 4),
             "noise_sigma": round(float(info.get("noise_sigma", 0.0)), 2),

@@ -295,6 +295,7 @@ class SexBlend:
     single_mae: dict[str, float]  # each model's raw OOF MAE on this sex
     calibration: dict[str, tuple[float, float]] = field(default_factory=dict)  # model -> (slope, intercept)
     fallback: str = ""  # "best_single" when the fitted blend did worse out of fold than its best model alone
+    region_spread_q: dict[str, float] = field(default_factory=dict)  # quantile -> OOF spread between regions
     holdout: pd.DataFrame | None = None  # id, sex, boneage, pred (blend with the final coefficients)
     holdout_mae: float | None = None
 
@@ -336,6 +337,7 @@ class Blend:
                     "single_model_oof_mae": {m: round(v, 4) for m, v in b.single_mae.items()},
                     "holdout_mae": None if b.holdout_mae is None else round(b.holdout_mae, 4),
                     "fallback": b.fallback,
+                    "region_spread_oof_quantiles": {k: round(v, 2) for k, v in b.region_spread_q.items()},
                     "n_oof": int(len(b.oof)),
                 }
                 for s, b in self.sexes.items()
@@ -396,7 +398,7 @@ def fit_sex_blend(data: OofSet, sex: str, method: str, ridge_alpha: float, model
         oof["pred"] = pred
         fold_mae = {int(k): float(np.mean(np.abs(pred[folds == k] - y[folds == k]))) for k in np.unique(folds)}
     sb = SexBlend(sex, list(names), coef, intercept, oof, float(np.mean(np.abs(pred - y))), fold_mae, single, calib,
-                  fallback=fallback)
+                  fallback=fallback, region_spread_q=region_spread_quantiles(X, names, calib))
     if names and all(n in data.holdout for n in names):
         h0 = data.holdout[names[0]]
         hids = list(h0.loc[h0["sex"] == sex, "id"])
@@ -409,6 +411,32 @@ def fit_sex_blend(data: OofSet, sex: str, method: str, ridge_alpha: float, model
                 sb.holdout[n] = H[n].to_numpy(float)
             sb.holdout_mae = float(np.mean(np.abs(np.clip(hp, 0, 240) - hy)))
     return sb
+
+
+SPREAD_QUANTILES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
+
+
+def region_spreads(P: np.ndarray, names: list[str], calib: np.ndarray) -> np.ndarray:
+    """Spread (max - min, months) between the regions' estimates of each row of P (rows x models): a region's
+    estimate is the mean of its models' predictions, each on the bone age scale by its own calibration
+    ((n_models, 2) slope, intercept). NaN where fewer than two regions. `boneage.assess` scores a radiograph's
+    spread the same way."""
+    regions = [parse_model_name(n).region for n in names]
+    cal = np.asarray(P, float) * calib[:, 0] + calib[:, 1]
+    est = np.stack([cal[:, [i for i, r in enumerate(regions) if r == g]].mean(1) for g in sorted(set(regions))], 1)
+    if est.shape[1] < 2:
+        return np.full(len(est), np.nan)
+    return est.max(1) - est.min(1)
+
+
+def region_spread_quantiles(X: pd.DataFrame, names: list[str], calib: dict[str, tuple[float, float]]) -> dict:
+    """Quantiles of the spread between regions over the out-of-fold rows (`SPREAD_QUANTILES`, keys like
+    "0.995"): what the self-check calls an ordinary disagreement for these models. Empty with one region."""
+    sp = region_spreads(X[names].to_numpy(float), names, np.array([calib[n] for n in names], float))
+    sp = sp[np.isfinite(sp)]
+    if not len(sp):
+        return {}
+    return {f"{q:g}": float(np.quantile(sp, q)) for q in SPREAD_QUANTILES}
 
 
 def fit_blend(data: OofSet, method: str = "nnls", ridge_alpha: float = 1.0, fallback_single: bool = True) -> Blend:

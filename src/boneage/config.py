@@ -291,6 +291,11 @@ class PredictConfig:
     # soft parts beyond the four of quality_parts: agreement between regions and the cls heads' spread
     region_spread_ok_months: float = 24.0  # max - min of the region estimates up to this: part 1
     region_spread_scale_months: float = 36.0  # then exp(-(spread - ok) / this)
+    # calibrated instead on the models' own out-of-fold spread, where blend.json has it (stage 7 writes it per
+    # sex): part 1 up to that spread's ok quantile, 0.5 at its half quantile (a rejection on this part alone)
+    region_spread_calibrated: bool = True
+    region_spread_ok_quantile: float = 0.9
+    region_spread_half_quantile: float = 0.995
     cls_width_ok_months: float = 30.0  # mean SD of the cls heads' distributions up to this: part 1
     cls_width_scale_months: float = 30.0  # then exp(-(width - ok) / this)
     # when the models' validation widths are known (fold*/pred_val.csv): width / their median instead
