@@ -148,9 +148,12 @@ def test_quality_parts_and_geometric_mean(cfg):
     assert p == {"mask": 0.9, "keypoints": 0.8, "registration": 1.0, "agreement": 1.0}
     assert overall_quality(p) == pytest.approx((0.9 * 0.8 * 1.0 * 1.0) ** 0.25)
     assert overall_quality({**p, "mask": 0.0}) == 0.0
-    # registration fell back to the mask: the points were not used, the fallback is scored instead
-    p = quality_parts(0.9, 0.1, {"method": "mask", "residual_px": float("nan")}, 0.0, cfg)
+    # registration fell back to the mask with confident points (off the mask, implausible): the points were not
+    # used, the fallback is scored instead; a network that found no hand (confidence below register.min_confidence,
+    # the fallback's own threshold) keeps its confidence as the keypoints part
+    p = quality_parts(0.9, 0.5, {"method": "mask", "residual_px": float("nan")}, 0.0, cfg)
     assert p == {"mask": 0.9, "keypoints": 1.0, "registration": cfg.predict.mask_method_quality, "agreement": 1.0}
+    assert quality_parts(0.9, 0.1, {"method": "mask", "residual_px": float("nan")}, 0.0, cfg)["keypoints"] == 0.1
     pc = cfg.predict
     canvas_h = cfg.register.canvas_h_px  # residual in full-size canvas pixels
     res = canvas_h * (pc.residual_ok_frac + pc.residual_scale_frac)

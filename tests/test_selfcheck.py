@@ -173,6 +173,12 @@ def test_quality_score_on_constructed_cases():
            "registration_residual_px": None, "agreement_sd_months": 0.0}
     s, reasons = quality_score(raw, cfg)
     assert s == pytest.approx((0.9 * cfg.predict.mask_method_quality) ** 0.25) and reasons == []  # points unused
+    # ... unless the fallback came from the keypoint network finding no hand at all (confidence below
+    # register.min_confidence): that confidence is the keypoints part (a knee phantom's 0.10 refuses it)
+    s, reasons = quality_score({**raw, "keypoint_confidence": 0.1}, cfg)
+    assert cfg.register.min_confidence > 0.1
+    assert s == pytest.approx((0.9 * 0.1 * cfg.predict.mask_method_quality) ** 0.25) and reasons
+    assert "keypoints quality 0.10" in reasons[0]
     assert quality_score({}, cfg) == (1.0, [])
 
 

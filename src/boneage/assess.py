@@ -211,8 +211,10 @@ def quality_parts(mask_q: float, kp_conf: float, reg: dict, agree_sd: float, cfg
 
     Each part is 1 over the range a readable radiograph shows and decays beyond it: the registration residual
     beyond `predict.residual_ok_frac` of the canvas height, the spread beyond `predict.agreement_ok_months`.
-    The keypoint confidence counts only where the keypoints were used: when registration fell back to the
-    mask, the points played no part in the result and the fallback is scored by the registration part."""
+    The keypoint confidence counts where the keypoints were used, and where registration fell back to the mask
+    because the network's confidence was below `register.min_confidence` (it found no hand to point at: a
+    knee or foot phantom scores 0.10); when it fell back for another reason (points off the mask, implausible
+    geometry), the points played no part in the result and the fallback is scored by the registration part."""
     p = cfg.predict
     method = str(reg.get("method", ""))
     base = 1.0 if method == "keypoints" else p.mask_method_quality
@@ -222,7 +224,9 @@ def quality_parts(mask_q: float, kp_conf: float, reg: dict, agree_sd: float, cfg
                     if not math.isnan(res) else 1.0)
     agree_sd = _finite(agree_sd)
     agree = _decay(agree_sd, p.agreement_ok_months, p.agreement_scale_months) if not math.isnan(agree_sd) else 0.0
-    kp = clip(kp_conf) if method == "keypoints" or not method else 1.0
+    conf = _finite(kp_conf)
+    no_hand = not math.isnan(conf) and conf < cfg.register.min_confidence
+    kp = clip(kp_conf) if method == "keypoints" or not method or no_hand else 1.0
     return {"mask": clip(mask_q), "keypoints": kp, "registration": clip(reg_q), "agreement": clip(agree)}
 
 
