@@ -180,6 +180,13 @@ def test_quality_score_on_constructed_cases():
     assert s == pytest.approx((0.9 * 0.1 * cfg.predict.mask_method_quality) ** 0.25) and reasons
     assert "keypoints quality 0.10" in reasons[0]
     assert quality_score({}, cfg) == (1.0, [])
+    # a convex elongated outline (a foot; or a hand holding its fingers together, real 3287 and 11863) refuses
+    # unless the keypoint network found the hand's points in it (confidence >= register.min_confidence)
+    convex = {**GOOD, "hand_solidity": cfg.predict.max_convex_solidity + 0.02,
+              "hand_aspect": cfg.predict.max_convex_aspect + 0.5}
+    for conf, refused in ((None, True), (0.1, True), (cfg.register.min_confidence, False), (0.6, False)):
+        s, reasons = quality_score({**convex, **({} if conf is None else {"keypoint_confidence": conf})}, cfg)
+        assert (s == 0.0 and "convex elongated" in reasons[0]) if refused else (s > 0.5 and reasons == []), conf
 
 
 def _predict():

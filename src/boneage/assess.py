@@ -394,7 +394,8 @@ def quality_score(qc: dict, cfg) -> tuple[float, list[str]]:
 
     `qc` holds any of: `colourfulness`, `dynamic_range`, `bright_frac`, `dark_frac`, `mean_grey` (image
     checks), `mask_area_frac`, `second_object_ratio`, `finger_gaps`, `hand_span`, `hand_aspect`,
-    `hand_solidity` (mask checks),
+    `hand_solidity` (mask checks; the convex-outline one only where `keypoint_confidence` is absent or below
+    `register.min_confidence`),
     `quality_parts` (dict, as `quality_parts` gives; else built from `mask_quality`, `keypoint_confidence`,
     `registration_method`, `registration_residual_px`, `agreement_sd_months`), `region_spread_months`,
     `cls_width_ratio` (width / the models' typical validation width) or `cls_width_months`. A missing field
@@ -421,9 +422,14 @@ def quality_score(qc: dict, cfg) -> tuple[float, list[str]]:
                        f">= {100 * p.min_hand_span:.0f}%): a fragment or another body part")
     asp = _finite(qc.get("hand_aspect"))
     sol = _finite(qc.get("hand_solidity"))
-    if not (math.isnan(sol) or math.isnan(asp)) and sol > p.max_convex_solidity and asp > p.max_convex_aspect:
-        reasons.append(f"a convex elongated outline without separate fingers (solidity {sol:.2f}, aspect {asp:.1f}): "
-                       "a foot, or the segmentation missed the fingers")
+    # a hand holding its fingers together has this outline too (real 3287, 11863): there the keypoint network
+    # finds the hand's three points; the outline refuses only where it did not (or was not asked)
+    kp_conf = _finite(qc.get("keypoint_confidence"))
+    kp_found = not math.isnan(kp_conf) and kp_conf >= cfg.register.min_confidence
+    if (not (math.isnan(sol) or math.isnan(asp)) and sol > p.max_convex_solidity and asp > p.max_convex_aspect
+            and not kp_found):
+        reasons.append(f"a convex elongated outline without separate fingers (solidity {sol:.2f}, aspect {asp:.1f}) "
+                       "in which the keypoint network found no hand: a foot, or the segmentation missed the fingers")
     if not math.isnan(asp) and asp > p.max_hand_aspect:
         reasons.append(f"the object is too elongated for a hand (aspect {asp:.1f}, above {p.max_hand_aspect})")
     parts = dict(qc.get("quality_parts") or {})
@@ -611,7 +617,7 @@ def assess_image_full(image: np.ndarray, male: bool, models: LoadedModels, cfg, 
     typ = getattr(models, "typical_cls_width", {}) or {}
     ratios = [w / typ[n] for n, w, c in zip(names, W[0], is_cls) if c and np.isfinite(w) and typ.get(n, 0) > 0]
     cls_ratio = float(np.mean(ratios)) if ratios else None
-    qc_in = {**img_qc, **shape_qc, "mask_area_frac": area, "quality_parts": parts,
+    qc_in = {**img_qc, **shape_qc, "mask_area_frac": area, "quality_parts": parts, "keypoint_confidence": kp_conf,
              "noise_sigma": float(info.get("noise_sigma", 0.0)),
              **({"region_spread_months": region_spread} if region_spread is not None else {}),
              "region_spread_ref": ((models.blend or {}).get("sexes", {}).get(sex, {})
