@@ -163,14 +163,10 @@ def shape_features(mask: np.ndarray) -> dict:
     if len(c) >= 5 and area > 0:
         depth = defect_depths(c)
         feats["defects"] = int((depth > 0.12 * np.sqrt(hull_area)).sum())
-    # straight edges (collimation borders, rulers): polygon sides longer than 0.35 of the long side, not
-    # lying on the image border but on the outline's convex hull, summed and divided by the long side. A box
-    # or ruler the mask took in bounds it from outside; the long straight sides of spread adolescent fingers
-    # face the gaps between them, inside the hull (real radiograph 5916 scored 0 without this condition).
+    # straight edges (collimation borders, rulers): polygon sides longer than a quarter of the long
+    # side, not lying on the image border, summed and divided by the long side
     long_side = max(h, w)
     poly = cv2.approxPolyDP(c, 0.012 * long_side, True)[:, 0, :].astype(np.float32)
-    hull_c = hull_pts.astype(np.float32)
-    tol = 0.02 * long_side
     straight = 0.0
     for p0, p1 in zip(poly, np.roll(poly, -1, axis=0)):
         seg = float(np.hypot(*(p1 - p0)))
@@ -178,9 +174,7 @@ def shape_features(mask: np.ndarray) -> dict:
             continue
         on_border = (max(p0[0], p1[0]) <= 1 or min(p0[0], p1[0]) >= w - 2
                      or max(p0[1], p1[1]) <= 1 or min(p0[1], p1[1]) >= h - 2)
-        on_hull = all(abs(cv2.pointPolygonTest(hull_c, (float(x), float(y)), True)) <= tol
-                      for x, y in (p0, p1, 0.5 * (p0 + p1)))
-        if on_hull and not on_border:
+        if not on_border:
             straight += seg
     feats["straight"] = straight / long_side
     # border contact: share of the image border covered by the mask
