@@ -90,15 +90,22 @@ def write_crops(folder: Path, hw, n: int) -> list[Path]:
     return paths
 
 
-def loader_only(paths, hw, cfg, device) -> float:
-    """Images per second the real DataLoader delivers (read, augment, collate, pin, copy to the device), no model."""
-    from boneage.training import CropDataset, _to_device, build_train_transform, make_loader
+def crop_loader(paths, hw, t, device):
+    """The training DataLoader of stage 6 over `paths`, with random sexes and ages."""
+    from boneage.training import CropDataset, build_train_transform, make_loader
 
-    t = cfg.train
     rng = np.random.default_rng(1)
     ds = CropDataset(paths, rng.integers(0, 2, len(paths)), rng.uniform(1, 240, len(paths)), hw,
                      build_train_transform(t))
-    loader = make_loader(ds, t, device, shuffle=True, drop_last=True)
+    return make_loader(ds, t, device, shuffle=True, drop_last=True)
+
+
+def loader_only(paths, hw, cfg, device) -> float:
+    """Images per second the real DataLoader delivers (read, augment, collate, pin, copy to the device), no model."""
+    from boneage.training import _to_device
+
+    t = cfg.train
+    loader = crop_loader(paths, hw, t, device)
     for x, *_ in loader:  # warm-up epoch: workers start
         _to_device(x, device, t)
     sync(device)
@@ -112,21 +119,11 @@ def loader_only(paths, hw, cfg, device) -> float:
 
 def real_loop(paths, hw, cfg, device, fast: bool, epochs: int) -> float:
     """Images per second of `train_one_epoch` over PNG crops read by the real DataLoader (first epoch: warm-up)."""
-    from boneage.training import (
-        CropDataset,
-        build_train_transform,
-        make_loader,
-        make_optimizer,
-        make_scheduler,
-        train_one_epoch,
-    )
+    from boneage.training import make_optimizer, make_scheduler, train_one_epoch
 
     t = cfg.train
     t.amp, t.channels_last = fast, fast
-    rng = np.random.default_rng(1)
-    ds = CropDataset(paths, rng.integers(0, 2, len(paths)), rng.uniform(1, 240, len(paths)), hw,
-                     build_train_transform(t))
-    loader = make_loader(ds, t, device, shuffle=True, drop_last=True)
+    loader = crop_loader(paths, hw, t, device)
     model = build_model("vgg", "reg", "sex_input", hw, t).to(device)
     if fast and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

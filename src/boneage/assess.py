@@ -60,7 +60,7 @@ from pathlib import Path
 
 import numpy as np
 
-from boneage.blending import blend_calibration, blend_uncertainty, parse_model_name, region_spreads
+from boneage.blending import blend_calibration, blend_uncertainty, parse_model_name, region_estimates
 from boneage.errors import ConfigError, StageInputError
 from boneage.gp import assess_against_gp
 
@@ -206,6 +206,13 @@ def _r(v, nd: int = 2):
 CORE_PARTS = ("mask", "keypoints", "registration", "agreement")  # geometric mean; other parts multiply it
 
 
+def keypoints_found_hand(kp_conf, cfg) -> bool:
+    """Whether the keypoint network found a hand to point at: a finite confidence of at least
+    `register.min_confidence` (below it, registration falls back to the mask)."""
+    conf = _finite(kp_conf)
+    return not math.isnan(conf) and conf >= cfg.register.min_confidence
+
+
 def quality_parts(mask_q: float, kp_conf: float, reg: dict, agree_sd: float, cfg) -> dict[str, float]:
     """The self-check's four core parts, each 0..1 (see the module docstring).
 
@@ -224,8 +231,7 @@ def quality_parts(mask_q: float, kp_conf: float, reg: dict, agree_sd: float, cfg
                     if not math.isnan(res) else 1.0)
     agree_sd = _finite(agree_sd)
     agree = _decay(agree_sd, p.agreement_ok_months, p.agreement_scale_months) if not math.isnan(agree_sd) else 0.0
-    conf = _finite(kp_conf)
-    no_hand = not math.isnan(conf) and conf < cfg.register.min_confidence
+    no_hand = not math.isnan(_finite(kp_conf)) and not keypoints_found_hand(kp_conf, cfg)
     kp = clip(kp_conf) if method == "keypoints" or not method or no_hand else 1.0
     return {"mask": clip(mask_q), "keypoints": kp, "registration": clip(reg_q), "agreement": clip(agree)}
 
@@ -424,10 +430,8 @@ def quality_score(qc: dict, cfg) -> tuple[float, list[str]]:
     sol = _finite(qc.get("hand_solidity"))
     # a hand holding its fingers together has this outline too (real 3287, 11863): there the keypoint network
     # finds the hand's three points; the outline refuses only where it did not (or was not asked)
-    kp_conf = _finite(qc.get("keypoint_confidence"))
-    kp_found = not math.isnan(kp_conf) and kp_conf >= cfg.register.min_confidence
     if (not (math.isnan(sol) or math.isnan(asp)) and sol > p.max_convex_solidity and asp > p.max_convex_aspect
-            and not kp_found):
+            and not keypoints_found_hand(qc.get("keypoint_confidence"), cfg)):
         reasons.append(f"a convex elongated outline without separate fingers (solidity {sol:.2f}, aspect {asp:.1f}) "
                        "in which the keypoint network found no hand: a foot, or the segmentation missed the fingers")
     if not math.isnan(asp) and asp > p.max_hand_aspect:
@@ -603,15 +607,12 @@ def assess_image_full(image: np.ndarray, male: bool, models: LoadedModels, cfg, 
     raw = float(icpt + P[0] @ coef)
     is_cls = np.array([parse_model_name(n).head == "cls" for n in names])
     unc = {k: float(v[0]) for k, v in blend_uncertainty(P, S, W, coef, is_cls, calib).items()}
-    region_est = {}
-    for r in sorted({models.specs[n].region for n in names}):
-        idx = [i for i, n in enumerate(names) if models.specs[n].region == r]
-        cal = P[0, idx] * calib[idx, 0] + calib[idx, 1]  # each model on the bone age scale
-        region_est[r] = round(float(np.mean(cal)), 2)
+    regions, est = region_estimates(P, names, calib)  # each model on the bone age scale, as in stage 7
+    region_est = {r: round(float(v), 2) for r, v in zip(regions, est[0])}
 
     agree_sd = math.hypot(unc["fold_sd"], unc["model_sd"])
     parts = quality_parts(mask_q, kp_conf, reg, agree_sd, cfg)
-    region_spread = float(region_spreads(P, names, calib)[0]) if len(region_est) > 1 else None  # as stage 7's
+    region_spread = float(est[0].max() - est[0].min()) if len(regions) > 1 else None
     cls_w = [w for w, c in zip(W[0], is_cls) if c and np.isfinite(w)]
     cls_width = float(np.mean(cls_w)) if cls_w else None
     typ = getattr(models, "typical_cls_width", {}) or {}

@@ -379,7 +379,6 @@ def fit_sex_blend(data: OofSet, sex: str, method: str, ridge_alpha: float, model
     oof = pd.DataFrame({"id": ids, "fold": folds, "sex": sex, "boneage": y, "pred": pred})
     for n in names:
         oof[n] = X[n].to_numpy(float)
-    fold_mae = {int(k): float(np.mean(np.abs(pred[folds == k] - y[folds == k]))) for k in np.unique(folds)}
     single = {n: float(np.mean(np.abs(X[n].to_numpy(float) - y))) for n in names}
     calib = {}
     for n in names:
@@ -396,7 +395,7 @@ def fit_sex_blend(data: OofSet, sex: str, method: str, ridge_alpha: float, model
         coef, intercept, fallback = [1.0 if n == best else 0.0 for n in names], 0.0, "best_single"
         pred = X[best].to_numpy(float)
         oof["pred"] = pred
-        fold_mae = {int(k): float(np.mean(np.abs(pred[folds == k] - y[folds == k]))) for k in np.unique(folds)}
+    fold_mae = {int(k): float(np.mean(np.abs(pred[folds == k] - y[folds == k]))) for k in np.unique(folds)}
     sb = SexBlend(sex, list(names), coef, intercept, oof, float(np.mean(np.abs(pred - y))), fold_mae, single, calib,
                   fallback=fallback, region_spread_q=region_spread_quantiles(X, names, calib))
     if names and all(n in data.holdout for n in names):
@@ -416,14 +415,21 @@ def fit_sex_blend(data: OofSet, sex: str, method: str, ridge_alpha: float, model
 SPREAD_QUANTILES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 
 
-def region_spreads(P: np.ndarray, names: list[str], calib: np.ndarray) -> np.ndarray:
-    """Spread (max - min, months) between the regions' estimates of each row of P (rows x models): a region's
-    estimate is the mean of its models' predictions, each on the bone age scale by its own calibration
-    ((n_models, 2) slope, intercept). NaN where fewer than two regions. `boneage.assess` scores a radiograph's
-    spread the same way."""
+def region_estimates(P: np.ndarray, names: list[str], calib: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """(regions, estimates (rows, regions)): a region's estimate of each row of P (rows x models) is the mean of
+    its models' predictions, each on the bone age scale by its own calibration ((n_models, 2) slope, intercept).
+    Stage 7 (the spread's quantiles) and `boneage.assess` (one radiograph) both use it."""
     regions = [parse_model_name(n).region for n in names]
     cal = np.asarray(P, float) * calib[:, 0] + calib[:, 1]
-    est = np.stack([cal[:, [i for i, r in enumerate(regions) if r == g]].mean(1) for g in sorted(set(regions))], 1)
+    order = sorted(set(regions))
+    est = np.stack([cal[:, [i for i, r in enumerate(regions) if r == g]].mean(1) for g in order], 1)
+    return order, est
+
+
+def region_spreads(P: np.ndarray, names: list[str], calib: np.ndarray) -> np.ndarray:
+    """Spread (max - min, months) between the regions' estimates (`region_estimates`) of each row of P; NaN
+    where fewer than two regions."""
+    _, est = region_estimates(P, names, calib)
     if est.shape[1] < 2:
         return np.full(len(est), np.nan)
     return est.max(1) - est.min(1)
