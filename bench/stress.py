@@ -217,6 +217,9 @@ def run(args) -> pd.DataFrame:
     else:
         args.raw_note = "raw-radiograph column skipped: no --compare-raw model given (none trained yet)"
     df = pick_ids(Path(args.data), args.n)
+    if args.shard:  # K/N: every N-th radiograph from the K-th (0-based), to run N processes side by side
+        k, n = (int(v) for v in args.shard.split("/"))
+        df = df.iloc[k::n]
     vs = variants(args.seed)
     if args.transforms:
         keep = {t.strip() for t in args.transforms.split(',')}
@@ -350,7 +353,9 @@ def main(argv=None) -> int:
     ap.add_argument("--raw-set", dest="raw_overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config for the raw model (e.g. register.crop_sizes={R:[256,256]})")
     ap.add_argument("--out", default=str(REPO / "bench" / "output"))
-    ap.add_argument("--rows", help="reuse a stress_rows.csv instead of running the models")
+    ap.add_argument("--rows", nargs="+", help="reuse stress_rows.csv file(s) (e.g. of --shard runs) instead of "
+                    "running the models")
+    ap.add_argument("--shard", default="", metavar="K/N", help="only every N-th radiograph from the K-th (0-based)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--transforms", default="", help="comma-separated transform or family names (default: all)")
@@ -359,7 +364,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     args.raw_note = ""
     if args.rows:
-        rows = pd.read_csv(args.rows, dtype={"id": str})
+        rows = pd.concat([pd.read_csv(f, dtype={"id": str}) for f in args.rows], ignore_index=True)
         if rows["raw_pred"].isna().all():
             args.raw_note = "raw-radiograph column skipped: no raw model in these rows"
     else:

@@ -74,3 +74,57 @@ def test_stress_summary_shifts_and_accepted_columns():
     assert r["acc_n"] == 1 and r["acc_median"] == pytest.approx(2.0) and r["acc_over12"] == 0.0
     assert r["raw_median"] == pytest.approx(1.0)
     assert summary.loc["**rotation** (all)", "n"] == 3
+
+
+def test_stress_report_from_the_rows_of_two_shards(tmp_path, capsys):
+    """`--shard K/N` runs split the radiographs; `--rows` takes every shard's rows and reports them as one run."""
+    stress = _load("stress")
+    base = {"family": "original", "raw_pred": np.nan, "status": "ok", "transform": "original"}
+    shards = []
+    for k, ids in enumerate((["a", "c"], ["b"])):
+        rows = []
+        for j, i in enumerate(ids):
+            rows.append({**base, "id": i, "pred": 100.0 + 10 * j})
+            rows.append({**base, "id": i, "transform": "hflip", "family": "flip", "pred": 100.0 + 10 * j + k + 1})
+        shards.append(tmp_path / f"rows{k}.csv")
+        pd.DataFrame(rows).to_csv(shards[-1], index=False)
+    assert stress.main(["--models", "unused", "--rows", *map(str, shards), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "stress.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| hflip |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[2] == "3" and float(cells[3]) == pytest.approx(1.0) and float(cells[5]) == pytest.approx(2.0)
+    assert "Radiographs: 3 of the rsna-half hold-out" in md
+
+
+def test_stage12_speed_runs_stage_1_and_2_on_a_half_precision_unet(tmp_path, capsys):
+    """bench/stage12_speed.py (issue 4's speed figure, CPU and GPU): a U-Net stored in half precision (as carried
+    to a GPU box) loads into the fp32 model; every radiograph is timed through both stages, the network's share
+    inside stage 1."""
+    import json
+
+    import cv2
+    import torch
+
+    from boneage.config import load_config
+    from boneage.phantom import PhantomConfig, make_phantom
+    from boneage.segmentation import build_unet
+
+    cfg = load_config(REPO_ROOT / "configs" / "smoke.yaml")
+    sd = build_unet(cfg.segment).state_dict()
+    (tmp_path / "unet").mkdir()
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, tmp_path / "unet" / "unet.pt")
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / "images" / f"{i}.png"), make_phantom(PhantomConfig(), 5, i).image)
+    out = tmp_path / "speed.json"
+    argv = ["--unet", str(tmp_path / "unet"), "--images", str(tmp_path / "images"), "--n", "5", "--threads", "1",
+            "--config", str(REPO_ROOT / "configs" / "smoke.yaml"), "--set", "segment.predict_batch_size=2",
+            "--out", str(out)]
+    assert _load("stage12_speed").main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["n_images"] == 3 and res["batch"] == 2 and res["device"] == "cpu" and res["amp"] is False
+    ms = res["ms_per_image"]
+    assert 0 < ms["stage1_network"] <= ms["stage1"] and ms["clean"] > 0 and ms["encode"] > 0
+    assert res["images_per_s"] == pytest.approx(1000 / sum(v for k, v in ms.items() if k != "stage1_network"),
+                                                rel=0.15)
+    assert _load("stage12_speed").main(argv[:2] + ["--images", str(tmp_path / "unet")]) == 2  # no radiographs

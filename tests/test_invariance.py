@@ -11,7 +11,15 @@ import torch
 
 from boneage.config import load_config
 from boneage.keypoints import from_view, network_view, to_view, upright_angle
-from boneage.masks import axis_tilt, clean_radiograph, denoise, invert_affine, noise_sigma, rotate_expanded
+from boneage.masks import (
+    axis_tilt,
+    clean_radiograph,
+    denoise,
+    invert_affine,
+    noise_sigma,
+    rotate_expanded,
+    stretch_inside,
+)
 from boneage.registration import transform_points, warp_to_canvas
 from boneage.segmentation import predict_masks_with_raw
 
@@ -71,6 +79,58 @@ def test_clean_radiograph_reports_denoising():
     noisy[mask] = add_noise(img, 12.0)[mask]
     _, info = clean_radiograph(noisy, mask, cfg)
     assert info["denoised"] and info["noise_sigma"] > 9.0
+
+
+# ------------------------------------------------------------------------ the hand's own grey levels
+
+
+def hand_on_film(letter: bool = False, scale: float = 1.0, offset: float = 0.0):
+    """(radiograph, hand mask) of a phantom, optionally with a white letter burned in outside the hand;
+    `scale`/`offset` change the whole film's levels linearly (its contrast/brightness)."""
+    from boneage.phantom import PhantomConfig, make_phantom
+
+    s = make_phantom(PhantomConfig(), 3, 0)
+    mask = s.mask > 0
+    img = np.clip(offset + scale * s.image.astype(np.float32), 0, 255).astype(np.uint8)
+    if letter:
+        ys, xs = np.nonzero(~cv2.dilate(mask.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool))
+        y, x = ys[0], xs[0]  # the first background pixel in reading order: a corner
+        img[y:y + 30, x:x + 25] = np.where(mask[y:y + 30, x:x + 25], img[y:y + 30, x:x + 25], 255)
+    return img, mask
+
+
+def test_stretch_inside_maps_the_hands_percentiles_onto_the_full_range():
+    img, mask = hand_on_film(scale=0.3, offset=20)  # a dim, low-contrast film
+    out, (lo, hi) = stretch_inside(img, mask, [1.0, 99.5])
+    inside = out[mask].astype(float)
+    assert np.percentile(inside, 1.0) <= 2 and np.percentile(inside, 99.5) >= 253
+    assert lo == pytest.approx(np.percentile(img[mask], 1.0), abs=1) and hi > lo
+    # off: unchanged, the same array
+    same, r = stretch_inside(img, mask, [])
+    assert same is img and r == []
+    # a flat hand (range under 2 levels) is left alone rather than blown up
+    flat = np.full_like(img, 90)
+    assert stretch_inside(flat, mask, [1.0, 99.5])[0] is flat
+
+
+def test_clean_hand_ignores_what_lies_outside_it_and_linear_changes_of_the_film():
+    """A letter outside the hand, or a global contrast/brightness change, left the clean hand's levels changed by
+    the film's range before (the stress test's letter: 71 grey levels mean inside the hand); now they cannot."""
+    cfg = load_config(None).clean
+    img, mask = hand_on_film()
+    ref, _ = clean_radiograph(img, mask, cfg)
+    with_letter, _ = clean_radiograph(hand_on_film(letter=True)[0], mask, cfg)
+    assert np.array_equal(with_letter[mask], ref[mask])
+    # a brightness offset is undone exactly; a contrast change up to quantisation (half the contrast keeps half the
+    # grey levels); without the hand stretch the same films give 13-29 levels of difference inside the hand
+    for scale, offset, at_most, off_at_least in [(1.0, 25, 0.0, 10.0), (0.8, 10, 2.0, 8.0), (0.5, 30, 4.0, 20.0)]:
+        film = hand_on_film(scale=scale, offset=offset)[0]
+        changed, _ = clean_radiograph(film, mask, cfg)
+        assert np.abs(changed[mask].astype(float) - ref[mask]).mean() <= at_most
+        off = load_config(None, ["clean.hand_stretch=[]"]).clean
+        a, _ = clean_radiograph(img, mask, off)
+        b, _ = clean_radiograph(film, mask, off)
+        assert np.abs(a[mask].astype(float) - b[mask]).mean() >= off_at_least
 
 
 # ------------------------------------------------------------------------------------ canvas warp

@@ -3,7 +3,7 @@
 # (1) bench/gpu_train_speed.py at the full profile's sizes (compute bound and the real DataLoader loop,
 #     bf16 + channels-last against fp32); (2) the smoke chain, stages 00-07 and predict.py, on CUDA;
 # (3) stage 6 with torch.compile and under torchrun (NCCL, one process) on that chain's crops;
-# (4) the test suite with CUDA visible. Every part writes its log to $OUT as it goes.
+# (4) the test suite with CUDA visible; (0) stage 1 + 2 speed on real radiographs when .devdata/ was carried. Every part writes its log to $OUT as it goes.
 #
 #   bash bench/scripts/gpu_session.sh          # in the repo root on the GPU box; OUT defaults to bench/output/gpu
 set -u
@@ -20,7 +20,7 @@ fi
 'albumentations', albumentations.__version__, 'cv2', cv2.__version__)"; } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-PARTS=${PARTS:-speed smoke_chain compile torchrun tests}  # a subset, e.g. PARTS="smoke_chain torchrun"
+PARTS=${PARTS:-stage12 speed smoke_chain compile torchrun tests}  # a subset, e.g. PARTS="smoke_chain torchrun"
 part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, print the verdict
   local name=$1 limit=$2; shift 2
   case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
@@ -30,6 +30,15 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
   echo "== $name: rc $rc in $(( $(date +%s) - t0 )) s"
   tail -n 25 "$OUT/$name.log"
 }
+
+# stage 1 inference + stage 2 on real radiographs (issue 4): a U-Net and radiographs copied into the ignored
+# .devdata/ (unet/unet.pt, images/*.jpg) and carried; batch 16 in fp32, then bf16 + channels-last at
+# batch 16, 64 and 128 (256 px, the cpu profile U-Net); the same 100 radiographs each time
+S12=(bench/stage12_speed.py --unet .devdata/unet --images .devdata/images --n 100 --device cuda --threads 8
+     --config configs/cpu.yaml --warmup 1)
+part stage12 150 bash -c "$PY ${S12[*]} --set segment.amp=false --out $OUT/s12_b16_fp32.json &&
+  $PY ${S12[*]} --out $OUT/s12_b16_bf16.json && $PY ${S12[*]} --set segment.predict_batch_size=64 --out $OUT/s12_b64_bf16.json &&
+  $PY ${S12[*]} --set segment.predict_batch_size=128 --out $OUT/s12_b128_bf16.json"
 
 part speed 220 $PY bench/gpu_train_speed.py --seconds 3 --epochs 1 --repeat 4 --n-crops 1024 --workers 12 --out "$OUT"
 

@@ -76,6 +76,7 @@ class SegmentConfig:
     fingertip_k_noise: float = 3.0
     fingertip_margin_frac: float = 0.0
     predict_batch_size: int = 16
+    amp: bool = True  # inference on CUDA in bf16 autocast and channels-last (CPU: fp32, channels-last as before)
     polarity_retry_quality: float = 0.0  # masks below this (or a negative polarity score) are retried inverted
     upright_retry_deg: float = 35.0  # a mask whose long axis is further off vertical is segmented again upright; 0: off
     invert_aug_p: float = 0.5  # share of training samples shown inverted: the U-Net learns both polarities
@@ -105,6 +106,10 @@ class CleanConfig:
     # stretch; sigma-10 noise gives 10-30
     denoise_above_sigma: float = 7.0
     denoise_strength: float = 1.0  # its h = strength x the estimated sigma
+    # before CLAHE, grey levels stretched so that these percentiles of the hand's own pixels span 0..255
+    # (masks.stretch_inside): what lies outside the hand (letters, rulers, the film's range) no longer changes the
+    # hand's contrast (stress test, issue 11); [] for none (models trained before 2026-11-27 had none)
+    hand_stretch: list[float] = field(default_factory=lambda: [1.0, 99.5])
     qc_sheet_n: int = 48
 
 

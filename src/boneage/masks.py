@@ -645,6 +645,23 @@ def classical_mask(image: np.ndarray, work_px: int = 256) -> tuple[np.ndarray, f
 
 
 # ----------------------------------------------------------------------------------------- stage 2
+def stretch_inside(image: np.ndarray, mask: np.ndarray | None, percentiles) -> tuple[np.ndarray, list[float]]:
+    """(image with its grey levels stretched linearly so that the given low/high percentiles of the pixels inside
+    `mask` (the whole image without one) span 0..255, [lo, hi] used). Referenced to the hand alone, so that what
+    lies outside it (a burned-in letter, a ruler, a cropped border, the film's own range) cannot change the hand's
+    grey levels, and a brightness offset or linear contrast change of the whole radiograph is undone inside it.
+    `percentiles` empty or None, or a range under 2 grey levels: unchanged."""
+    if not percentiles:
+        return image, []
+    px = image[mask] if mask is not None and mask.any() else image.ravel()
+    step = max(1, px.size // 400_000)  # a sample is enough for two percentiles
+    lo, hi = (float(v) for v in np.percentile(px[::step], [float(percentiles[0]), float(percentiles[1])]))
+    if hi - lo < 2.0:
+        return image, [lo, hi]
+    lut = np.clip(np.round((np.arange(256, dtype=np.float32) - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+    return lut[image], [round(lo, 1), round(hi, 1)]
+
+
 def equalise(image: np.ndarray, mask: np.ndarray | None, clip_limit: float = 2.0, tile_grid: int = 8) -> np.ndarray:
     """CLAHE inside the hand: the background is set to the hand's median first so it does not
     take part in the tiles' histograms, then set to 0 again."""
@@ -723,7 +740,8 @@ def denoise(image: np.ndarray, mask: np.ndarray | None, above_sigma: float,
 
 
 def clean_radiograph(image: np.ndarray, mask: np.ndarray, cfg) -> tuple[np.ndarray, dict]:
-    """Stage 2 on one radiograph: polarity corrected, hand only (black background), CLAHE inside.
+    """Stage 2 on one radiograph: polarity corrected, hand only (black background), denoised when noisy, grey
+    levels stretched by the hand's own percentiles (`cfg.hand_stretch`, `stretch_inside`), CLAHE inside.
 
     Returns the clean uint8 image (same size) and {inverted, kept_area_frac, flag, mask}. An empty
     or implausible mask never raises: the radiograph is kept whole (polarity corrected and
@@ -753,12 +771,10 @@ def clean_radiograph(image: np.ndarray, mask: np.ndarray, cfg) -> tuple[np.ndarr
                 flag = f"implausible_mask:q{q:.2f}"
     img, sigma = denoise(img, None if flag else m, getattr(cfg, "denoise_above_sigma", 0.0),
                          getattr(cfg, "denoise_strength", 1.0))
-    if flag:
-        out = equalise(img, None, cfg.clahe_clip_limit, cfg.clahe_tile_grid)
-        final = np.ones(img.shape, bool)
-    else:
-        out = equalise(img, m, cfg.clahe_clip_limit, cfg.clahe_tile_grid)
-        final = m
+    final = np.ones(img.shape, bool) if flag else m
+    img, hand_range = stretch_inside(img, None if flag else m, getattr(cfg, "hand_stretch", None))
+    out = equalise(img, None if flag else m, cfg.clahe_clip_limit, cfg.clahe_tile_grid)
     info = {"inverted": bool(inverted), "kept_area_frac": float(final.mean()), "flag": flag, "mask": final,
+            "hand_range": hand_range,
             "noise_sigma": round(sigma, 2), "denoised": bool(sigma > getattr(cfg, "denoise_above_sigma", 0.0) > 0)}
     return out, info

@@ -227,20 +227,20 @@ def train_unet(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, e
 
 @torch.no_grad()
 def predict_probs(model: torch.nn.Module, images: np.ndarray, device, batch_size: int = 16,
-                  flip_tta: bool = False) -> np.ndarray:
-    """(N, S, S) uint8 -> (N, S, S) float32 probabilities."""
+                  flip_tta: bool = False, amp: bool = False) -> np.ndarray:
+    """(N, S, S) uint8 -> (N, S, S) float32 probabilities. Channels-last on every device (about 1.6x faster on
+    CPU); `amp`: bf16 autocast where the device is CUDA (ignored on CPU, which stays fp32)."""
     model.eval()
-    cl = torch.device(device).type == "cpu"  # channels-last convolutions are about 1.6x faster on CPU
-    if cl:
-        model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)
+    cuda = torch.device(device).type == "cuda"
     out = np.zeros(images.shape, np.float32)
     for i in range(0, len(images), batch_size):
-        x = _to_tensor(images[i:i + batch_size]).to(device)
-        if cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        p = torch.sigmoid(model(x))
-        if flip_tta:
-            p = 0.5 * (p + torch.sigmoid(model(x.flip(-1))).flip(-1))
+        x = _to_tensor(images[i:i + batch_size]).to(device, non_blocking=True)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(amp and cuda)):
+            p = torch.sigmoid(model(x))
+            if flip_tta:
+                p = 0.5 * (p + torch.sigmoid(model(x.flip(-1))).flip(-1))
         out[i:i + batch_size] = p[:, 0].float().cpu().numpy()
     return out
 
@@ -305,7 +305,7 @@ def bootstrap_unet(images: np.ndarray, inners: list[tuple[int, int]], manual: di
     rounds[0]["train_losses"] = [round(x, 4) for x in losses]
     for r in range(1, int(cfg.self_training_rounds) + 1):
         t1 = time.perf_counter()
-        probs = predict_probs(model, images, device, max(2, int(cfg.batch_size)))
+        probs = predict_probs(model, images, device, max(2, int(cfg.batch_size)), amp=cfg.amp)
         pq = np.zeros(n, np.float32)
         conf = np.zeros(n, np.float32)
         new_labels = labels.copy()
@@ -441,7 +441,7 @@ def predict_masks_with_raw(model: torch.nn.Module, images: list[np.ndarray], cfg
     s = int(cfg.work_size_px)
     bs = max(1, int(cfg.predict_batch_size))
     works = [to_work(img, s) for img in images]
-    probs = predict_probs(model, np.stack([w.image for w in works]), device, bs)
+    probs = predict_probs(model, np.stack([w.image for w in works]), device, bs, amp=cfg.amp)
     pairs = [prob_to_masks(p, w.inner, w.size, cfg, img) for p, w, img in zip(probs, works, images)]
     retry_q = float(cfg.polarity_retry_quality)
     quals = [mask_quality(m)[0] for _, m in pairs]
@@ -453,7 +453,7 @@ def predict_masks_with_raw(model: torch.nn.Module, images: list[np.ndarray], cfg
             nh, nw = works[k].inner
             w[:nh, :nw] = 255 - w[:nh, :nw]
             flipped.append(w)
-        probs2 = predict_probs(model, np.stack(flipped), device, bs)
+        probs2 = predict_probs(model, np.stack(flipped), device, bs, amp=cfg.amp)
         for k, p in zip(redo, probs2):
             pair2 = prob_to_masks(p, works[k].inner, works[k].size, cfg, images[k])
             q2 = mask_quality(pair2[1])[0]
@@ -479,7 +479,7 @@ def _upright_retry(model: torch.nn.Module, image: np.ndarray, pair: tuple[np.nda
     h, w = image.shape[:2]
     views = [rotate_expanded(image, a) for a in (tilt, tilt + np.pi)]
     works = [to_work(v, s) for v, _ in views]
-    probs = predict_probs(model, np.stack([wk.image for wk in works]), device, 2)
+    probs = predict_probs(model, np.stack([wk.image for wk in works]), device, 2, amp=cfg.amp)
     best, best_q = pair, quality
     for (v, M), wk, p in zip(views, works, probs):
         raw_r, mask_r = prob_to_masks(p, wk.inner, wk.size, cfg, v)
