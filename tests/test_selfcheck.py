@@ -233,6 +233,7 @@ def test_normalise_input_undoes_inversion_and_brightness():
     pc.long_side_px, pc.artefacts = 256, False
     img = make_phantom(pc, 0, 3).image
     cfg = _cfg()
+    cfg.predict.normalise_input = "stretch"
     ref, seg_ref, info = normalise_input(img, cfg)
     assert info["input_inverted"] is False and ref.min() == 0 and ref.max() == 255
     for variant, inverted in ((255 - img, True), (np.clip(img.astype(int) * 0.6 + 60, 0, 255).astype(np.uint8), False)):

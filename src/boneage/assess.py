@@ -14,8 +14,9 @@ Where the trained models and the blend are found (`load_models(models_dir, ...)`
   the estimate is the equal-weight mean of the models and the result says so (`blend.kind`).
 
 Input normalisation (`normalise_input`, `predict.normalise_input`): the radiograph is turned to normal polarity
-and its grey levels stretched to span 0..255 before any network, so that inversion, brightness and linear
-contrast changes do not reach the networks (then the clean step equalises inside the hand as in stage 2).
+and, for the U-Net, its grey levels stretched to span 0..255; the clean step then stretches the hand by its own
+percentiles and equalises inside it, as stage 2 does, so that inversion, brightness and linear contrast changes
+of the film, and whatever lies outside the hand, do not reach the bone age networks.
 
 Self-check: `quality_score(qc, cfg) -> (score 0..1, reasons)`, reusable on any dict of the `qc` fields
 below (stage 7 can call it on stored rows). Three layers:
@@ -473,11 +474,11 @@ def _segment(models: LoadedModels, image: np.ndarray, cfg) -> tuple[np.ndarray, 
 def normalise_input(image: np.ndarray, cfg, polarity: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
     """(radiograph for the clean step, radiograph for the U-Net, info), by `predict.normalise_input`:
 
-    - "stretch" (default): both in normal polarity (dark background; `boneage.masks.normal_polarity`, before
+    - "stretch": both in normal polarity (dark background; `boneage.masks.normal_polarity`, before
       anything else as method.md asks) with grey levels stretched so that the 0.5th..99.5th percentiles span
       0..255: a brightness offset, a linear contrast change and an inversion are undone before any network.
-    - "segment": the same for the U-Net; the clean step gets the polarity-corrected, unstretched radiograph, as
-      stage 2 made the training crops (stage 2 does not stretch; see bench/notes/robustness.md).
+    - "segment" (default): the same for the U-Net; the clean step gets the polarity-corrected, unstretched
+      radiograph, as stage 2 gets it (stage 2 stretches the hand alone: `clean.hand_stretch`).
     - "off": both unchanged.
     `polarity=False`: keep the polarity as given."""
     mode = str(getattr(cfg.predict, "normalise_input", "off")).lower()
