@@ -1,6 +1,7 @@
 """Speed of stage 1 inference plus stage 2 on real radiographs (issue 4): read, U-Net masks with stage 1's own
 post-processing and retries (`boneage.segmentation.predict_masks`), clean (`boneage.masks.clean_radiograph`), PNG
-encode of mask and clean image, in batches of `segment.predict_batch_size`.
+encode of mask and clean image, in batches of `segment.predict_batch_size`, post-processing in
+`segment.post_workers` threads and stage 2 in `clean.workers` threads (as stages 1 and 2 run them).
 
     .venv/bin/python bench/stage12_speed.py --unet WORK/models/unet --images ../shared/data/rsna-half/images \
         [--n 100] [--config configs/cpu.yaml] [--set key=value ...] [--device cpu|cuda] [--threads 2] [--out F.json]
@@ -27,6 +28,12 @@ sys.path.insert(0, str(REPO / "src"))
 
 from boneage.config import load_config  # noqa: E402
 from boneage.fileio import atomic_write_text, read_gray  # noqa: E402
+
+
+def encode_pair(mask_clean) -> None:
+    """PNG-encode a mask and its clean radiograph, as stages 1 and 2 write them."""
+    cv2.imencode(".png", mask_clean[0].astype(np.uint8) * 255)
+    cv2.imencode(".png", mask_clean[1])
 
 
 def main(argv=None) -> int:
@@ -88,17 +95,17 @@ def main(argv=None) -> int:
         masks = predict_masks(model, imgs, cfg.segment, args.device)
         sync()
         t2 = time.perf_counter()
-        cleans = [clean_radiograph(img, m, cfg.clean)[0] for img, m in zip(imgs, masks)]
+        cleans = seg.thread_map(lambda im_m: clean_radiograph(im_m[0], im_m[1], cfg.clean)[0], zip(imgs, masks),
+                                cfg.clean.workers)
         t3 = time.perf_counter()
-        for m, c in zip(masks, cleans):
-            cv2.imencode(".png", m.astype(np.uint8) * 255)
-            cv2.imencode(".png", c)
+        seg.thread_map(encode_pair, zip(masks, cleans), cfg.clean.workers)
         t4 = time.perf_counter()
         for k, (a, b) in zip(times, ((t0, t1), (t1, t2), (t2, t3), (t3, t4))):
             times[k] += b - a
     wall = time.perf_counter() - t_all
     n = len(files)
     res = {"n_images": n, "device": str(args.device), "batch": bs, "amp": bool(cfg.segment.amp and cuda),
+           "post_workers": int(cfg.segment.post_workers), "clean_workers": int(cfg.clean.workers),
            "work_size_px": int(cfg.segment.work_size_px), "threads": args.threads,
            "images_per_s": round(n / wall, 2), "stage1_images_per_s": round(n / times["stage1"], 2),
            "ms_per_image": {**{k: round(1000 * v / n, 1) for k, v in times.items()},

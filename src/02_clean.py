@@ -46,15 +46,13 @@ def main(cfg, args):
         except (OSError, ValueError, pd.errors.ParserError):
             previous = {}
     rows = ds.all
-    table = []
     from tqdm import tqdm
 
-    for r in tqdm(list(rows.itertuples()), desc="clean", mininterval=5):
+    def clean_one(r) -> dict:
         sid = str(r.id)
         out = out_dir / f"{sid}.png"
         if out.exists() and sid in previous and not args.force:
-            table.append({k: previous[sid][k] for k in COLUMNS})
-            continue
+            return {k: previous[sid][k] for k in COLUMNS}
         img = read_gray(r.path)
         mp = mask_dir / f"{sid}.png"
         mask = None
@@ -70,8 +68,18 @@ def main(cfg, args):
         atomic_write_png(out, clean)
         noisy = f"denoised:sigma{info['noise_sigma']:.1f}" if info.get("denoised") else ""
         flag = "+".join(f for f in (flag_extra, info["flag"], noisy) if f)
-        table.append({"id": sid, "inverted": bool(info["inverted"]),
-                      "kept_area_frac": round(info["kept_area_frac"], 4), "flag": flag})
+        return {"id": sid, "inverted": bool(info["inverted"]), "kept_area_frac": round(info["kept_area_frac"], 4),
+                "flag": flag}
+
+    items = list(rows.itertuples())
+    workers = max(1, int(cfg.clean.workers))
+    if workers == 1:
+        table = [clean_one(r) for r in tqdm(items, desc="clean", mininterval=5)]
+    else:  # OpenCV and numpy release the GIL: threads clean radiographs side by side (order kept)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            table = list(tqdm(pool.map(clean_one, items), total=len(items), desc="clean", mininterval=5))
     df = pd.DataFrame(table, columns=COLUMNS)
     atomic_write_csv(csv_path, df)
     n_inv = int(df.inverted.astype(str).eq("True").sum())

@@ -77,6 +77,9 @@ class SegmentConfig:
     fingertip_margin_frac: float = 0.0
     predict_batch_size: int = 16
     amp: bool = True  # inference on CUDA in bf16 autocast and channels-last (CPU: fp32, channels-last as before)
+    # threads for the post-processing at each radiograph's own size (OpenCV and numpy release the GIL): on a GPU box
+    # it, not the network, bounds stage 1 (bench/stage12_speed.py: 62 of 65 ms per image on an H100)
+    post_workers: int = 1
     polarity_retry_quality: float = 0.0  # masks below this (or a negative polarity score) are retried inverted
     upright_retry_deg: float = 35.0  # a mask whose long axis is further off vertical is segmented again upright; 0: off
     invert_aug_p: float = 0.5  # share of training samples shown inverted: the U-Net learns both polarities
@@ -110,6 +113,7 @@ class CleanConfig:
     # (masks.stretch_inside): what lies outside the hand (letters, rulers, the film's range) no longer changes the
     # hand's contrast (stress test, issue 11); [] for none (models trained before 2026-11-27 had none)
     hand_stretch: list[float] = field(default_factory=lambda: [1.0, 99.5])
+    workers: int = 1  # radiographs cleaned side by side in threads (stage 2)
     qc_sheet_n: int = 48
 
 

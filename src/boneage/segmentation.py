@@ -440,9 +440,11 @@ def predict_masks_with_raw(model: torch.nn.Module, images: list[np.ndarray], cfg
         return []
     s = int(cfg.work_size_px)
     bs = max(1, int(cfg.predict_batch_size))
+    workers = int(getattr(cfg, "post_workers", 1))
     works = [to_work(img, s) for img in images]
     probs = predict_probs(model, np.stack([w.image for w in works]), device, bs, amp=cfg.amp)
-    pairs = [prob_to_masks(p, w.inner, w.size, cfg, img) for p, w, img in zip(probs, works, images)]
+    pairs = thread_map(lambda k: prob_to_masks(probs[k], works[k].inner, works[k].size, cfg, images[k]),
+                       range(len(images)), workers)
     retry_q = float(cfg.polarity_retry_quality)
     quals = [mask_quality(m)[0] for _, m in pairs]
     redo = [k for k, img in enumerate(images) if quals[k] < retry_q or polarity_score(img) < 0.0]
@@ -461,9 +463,21 @@ def predict_masks_with_raw(model: torch.nn.Module, images: list[np.ndarray], cfg
                 pairs[k], quals[k] = pair2, q2
     tilt_deg = float(cfg.upright_retry_deg)
     if tilt_deg > 0:
-        for k, img in enumerate(images):
-            pairs[k], quals[k] = _upright_retry(model, img, pairs[k], quals[k], tilt_deg, cfg, device)
+        done = thread_map(lambda k: _upright_retry(model, images[k], pairs[k], quals[k], tilt_deg, cfg, device),
+                          range(len(images)), workers)
+        pairs = [pair for pair, _ in done]
     return pairs
+
+
+def thread_map(fn, items, workers: int) -> list:
+    """[fn(x) for x in items], in `workers` threads when more than one (order kept)."""
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 def _upright_retry(model: torch.nn.Module, image: np.ndarray, pair: tuple[np.ndarray, np.ndarray], quality: float,
