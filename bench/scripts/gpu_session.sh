@@ -32,13 +32,14 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 }
 
 # stage 1 inference + stage 2 on real radiographs (issue 4): a U-Net and radiographs copied into the ignored
-# .devdata/ (unet/unet.pt, images/*.jpg) and carried; batch 16 in fp32, then bf16 + channels-last at
-# batch 16, 64 and 128 (256 px, the cpu profile U-Net); the same 100 radiographs each time
+# .devdata/ (unet/unet.pt, images/*.jpg) and carried; batch 16 in fp32, then bf16 + channels-last at batch 64 with
+# the post-processing and stage 2 in 1, 4, 8 and 16 threads (256 px, the cpu profile's U-Net); the same 100
+# radiographs each time
 S12=(bench/stage12_speed.py --unet .devdata/unet --images .devdata/images --n 100 --device cuda --threads 8
      --config configs/cpu.yaml --warmup 1)
-part stage12 150 bash -c "$PY ${S12[*]} --set segment.amp=false --out $OUT/s12_b16_fp32.json &&
-  $PY ${S12[*]} --out $OUT/s12_b16_bf16.json && $PY ${S12[*]} --set segment.predict_batch_size=64 --out $OUT/s12_b64_bf16.json &&
-  $PY ${S12[*]} --set segment.predict_batch_size=128 --out $OUT/s12_b128_bf16.json"
+w() { echo "--set segment.predict_batch_size=64 --set segment.post_workers=$1 --set clean.workers=$1 --out $OUT/s12_b64_w$1.json"; }
+part stage12 200 bash -c "$PY ${S12[*]} --set segment.amp=false --out $OUT/s12_b16_fp32.json &&
+  $PY ${S12[*]} $(w 1) && $PY ${S12[*]} $(w 4) && $PY ${S12[*]} $(w 8) && $PY ${S12[*]} $(w 16)"
 
 part speed 220 $PY bench/gpu_train_speed.py --seconds 3 --epochs 1 --repeat 4 --n-crops 1024 --workers 12 --out "$OUT"
 
