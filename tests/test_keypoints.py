@@ -276,6 +276,32 @@ def test_augmentation_moves_points_with_the_image():
     assert moved >= 5
 
 
+def test_training_shows_mirrored_hands_with_their_points(monkeypatch):
+    """`keypoints.aug_hflip_p`: RSNA hands are nearly all left hands; the network also learns right hands, the
+    thumb staying the thumb, so that a flipped film is registered mirrored back (issue 11's flip)."""
+    img = np.zeros((64, 64), np.uint8)
+    pts = np.array([[40.0, 8.0], [56.0, 30.0], [30.0, 50.0]], np.float32)
+    for x, y in pts.astype(int):
+        img[y, x] = 255
+    flipped, fp = K.mirror_sample(img, pts)
+    for (x, y) in fp.astype(int):
+        assert flipped[y, x] == 255  # the dots moved with their points
+    assert fp[1, 0] == pytest.approx(63 - 56) and np.array_equal(fp[:, 1], pts[:, 1])
+    seen = []
+
+    def recorder(cfg):
+        return lambda image, keypoints: seen.append((image, np.asarray(keypoints))) or {"image": image,
+                                                                                          "keypoints": keypoints}
+
+    monkeypatch.setattr(K, "augmenter", recorder)
+    for p_flip, want in ((1.0, 8), (0.0, 0)):
+        seen.clear()
+        cfg = kcfg(input_size_px=64, filters="[8, 8]", epochs=1, batch_size=4, fc_units=16, aug_hflip_p=p_flip)
+        train_model([img] * 8, [pts] * 8, [np.ones(3, bool)] * 8, cfg, torch.device("cpu"))
+        n_mirrored = sum(np.array_equal(im, flipped) and np.allclose(kp, fp) for im, kp in seen)
+        assert len(seen) == 8 and n_mirrored == want
+
+
 def test_train_save_load_predict(tmp_path):
     torch.manual_seed(0)
     cfg = kcfg(input_size_px=64, filters="[8, 8, 16]", epochs=2, batch_size=4, fc_units=32)

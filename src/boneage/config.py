@@ -141,6 +141,10 @@ class KeypointsConfig:
     aug_zoom: float = 0.15  # augmentation: zoom range, rotation (degrees), shift (fraction of the input)
     aug_rotate_deg: float = 20.0
     aug_shift: float = 0.08
+    # share of training images shown mirrored (points moved with them; the thumb stays the thumb): RSNA hands are
+    # nearly all left hands, and a network that saw no right hand put the thumb of a flipped film on the left hand's
+    # side, so registration did not mirror it back (stress test, issue 11)
+    aug_hflip_p: float = 0.5
     min_train_images: int = 8  # fewer labelled images (manual + pseudo): no network, geometric points only
     max_pseudo_labels: int = 400  # at most this many geometric pseudo-labels (the most confident; CPU time)
     tip_inset_frac: float = 0.03  # geometric: step from the soft-tissue tip toward the bone tip (x tip-palm length)

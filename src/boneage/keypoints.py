@@ -415,6 +415,14 @@ class _AffineAugment:
         return {"image": out, "keypoints": kp}
 
 
+def mirror_sample(image: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The image mirrored left-right and its points with it (pixel x -> width - 1 - x); the names stay (the thumb
+    of a mirrored hand is still the thumb)."""
+    pts = np.array(points, np.float32, copy=True)
+    pts[:, 0] = image.shape[1] - 1 - pts[:, 0]
+    return np.ascontiguousarray(image[:, ::-1]), pts
+
+
 def augmenter(cfg):
     """Rotation, zoom, shift (+ brightness/contrast) moving the points with the image
     (albumentations `KeypointParams`)."""
@@ -446,6 +454,7 @@ def train_model(images: list[np.ndarray], points: list[np.ndarray], visible: lis
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
     aug = augmenter(cfg)
     rng = np.random.default_rng(0)
+    flip_p = float(getattr(cfg, "aug_hflip_p", 0.0))
     p = None if weights is None else np.asarray(weights, float) / np.sum(weights)
     for ep in range(epochs):
         model.train()
@@ -458,7 +467,10 @@ def train_model(images: list[np.ndarray], points: list[np.ndarray], visible: lis
             xs, ys, vs = [], [], []
             for i in idx:
                 pts = np.where(visible[i][:, None], points[i], size / 2.0).astype(np.float32)
-                out = aug(image=images[i], keypoints=pts)
+                img = images[i]
+                if flip_p > 0 and rng.random() < flip_p:
+                    img, pts = mirror_sample(img, pts)
+                out = aug(image=img, keypoints=pts)
                 kp = np.asarray(out["keypoints"], np.float32).reshape(3, 2)
                 vis = visible[i] & (kp >= 0).all(1) & (kp < size).all(1)
                 xs.append(out["image"])
