@@ -282,7 +282,9 @@ def to_markdown(summary: pd.DataFrame, rows: pd.DataFrame, args) -> str:
         f"Radiographs: {orig['id'].nunique()} of the rsna-half hold-out (`--n {args.n}`). "
         f"Originals accepted by the self-check: {(orig['status'] == 'ok').mean():.0%}. "
         "Shift = |pred(variant) - pred(original)| in months (full method, numbers taken with force).", "",
-        args.raw_note if not has_raw else f"Raw-radiograph model: `{args.compare_raw}` (input raw).", "",
+        args.raw_note if not has_raw else ("Raw-radiograph model: "
+                                           + (f"`{args.compare_raw}`" if args.compare_raw else "as in the rows' run")
+                                           + " (input raw)."), "",
         "Accepted: the variants for which the self-check accepts both the original and the variant (what a user "
         "is shown); their n, median shift and share > 12 months.", "",
         "| transform | family | n | median | p90 | max | share > 12 mo | rejected | accepted n | accepted median "

@@ -168,6 +168,12 @@ def test_quality_score_on_constructed_cases():
     width = cfg.predict.cls_width_ok_months + 2 * cfg.predict.cls_width_scale_months
     s, reasons = quality_score({**GOOD, "cls_width_months": width}, cfg)
     assert s == pytest.approx(ok * np.exp(-2)) and reasons and "cls_spread" in reasons[0]
+    # a thumb tip deep inside the outline (a foot's "thumb") multiplies the score down; at the edge it costs nothing
+    assert quality_score({**GOOD, "thumb_depth_frac": 0.03}, cfg)[0] == pytest.approx(ok)
+    s, reasons = quality_score({**GOOD, "thumb_depth_frac": 0.2}, cfg)
+    p = cfg.predict
+    assert s == pytest.approx(ok * np.exp(-(0.2 - p.thumb_depth_ok_frac) / p.thumb_depth_scale_frac))
+    assert reasons and reasons[0].startswith("thumb quality")
     # parts built from raw fields when quality_parts is absent; missing fields pass
     raw = {"mask_quality": 0.9, "keypoint_confidence": 0.9, "registration_method": "mask",
            "registration_residual_px": None, "agreement_sd_months": 0.0}
@@ -246,3 +252,17 @@ def test_normalise_input_undoes_inversion_and_brightness():
     cfg.predict.normalise_input = "off"
     out, seg, info = normalise_input(255 - img, cfg)
     assert np.array_equal(out, 255 - img) and info == {}
+
+
+def test_thumb_depth_is_zero_at_the_outline_and_grows_inside():
+    from boneage.assess import thumb_depth
+
+    mask = np.zeros((200, 100), bool)
+    mask[20:180, 20:80] = True  # 60 px wide: its middle lies 30 px from the edge
+    tip, capitate = [50.0, 20.0], [50.0, 170.0]  # length 150
+    assert thumb_depth([tip, [79.0, 100.0], capitate], mask) == pytest.approx(1 / 150, abs=0.01)
+    assert thumb_depth([tip, [50.0, 100.0], capitate], mask) == pytest.approx(30 / 150, abs=0.02)
+    assert thumb_depth([tip, [95.0, 100.0], capitate], mask) == 0.0  # outside the mask
+    assert thumb_depth([tip, [500.0, 100.0], capitate], mask) == 0.0  # outside the image
+    assert thumb_depth([tip, [np.nan, 100.0], capitate], mask) is None
+    assert thumb_depth([tip, [50.0, 100.0], capitate], np.zeros_like(mask)) is None

@@ -59,6 +59,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from boneage.blending import blend_calibration, blend_uncertainty, parse_model_name, region_estimates
@@ -377,8 +378,23 @@ def region_spread_scale(ref: dict | None, cfg) -> tuple[float, float]:
     return p.region_spread_ok_months, p.region_spread_scale_months
 
 
+def thumb_depth(points, mask) -> float | None:
+    """Distance from the thumb tip (row 1 of the (3, 2) points) to the edge of `mask`, as a share of the middle-tip
+    to capitate length; 0 on or outside the edge, None without a mask or finite points."""
+    pts = np.asarray(points, float)
+    if mask is None or pts.shape != (3, 2) or not np.isfinite(pts).all() or not np.asarray(mask).any():
+        return None
+    length = float(np.hypot(*(pts[0] - pts[2])))
+    x, y = (int(round(v)) for v in pts[1])
+    m = np.asarray(mask).astype(np.uint8)
+    if length < 1 or not (0 <= x < m.shape[1] and 0 <= y < m.shape[0]):
+        return None if length < 1 else 0.0
+    return float(cv2.distanceTransform(m, cv2.DIST_L2, 5)[y, x]) / length
+
+
 def extra_parts(qc: dict, parts: dict, cfg) -> dict:
-    """`parts` plus `regions` (spread between the regions' estimates), `noise` (pixel noise inside the hand) and
+    """`parts` plus `regions` (spread between the regions' estimates), `thumb` (the thumb tip's depth inside the
+    outline, `thumb_depth`), `noise` (pixel noise inside the hand) and
     `cls_spread` (the cls heads' width, relative to the models' typical validation width when known, else in
     months), where the qc has them."""
     p = cfg.predict
@@ -386,6 +402,8 @@ def extra_parts(qc: dict, parts: dict, cfg) -> dict:
     if qc.get("region_spread_months") is not None and "regions" not in parts:
         ok, scale = region_spread_scale(qc.get("region_spread_ref"), cfg)
         parts["regions"] = _decay(qc["region_spread_months"], ok, scale)
+    if qc.get("thumb_depth_frac") is not None and "thumb" not in parts:
+        parts["thumb"] = _decay(qc["thumb_depth_frac"], p.thumb_depth_ok_frac, p.thumb_depth_scale_frac)
     if qc.get("noise_sigma") is not None and "noise" not in parts:
         parts["noise"] = _decay(qc["noise_sigma"], p.noise_ok_sigma, p.noise_scale_sigma)
     if "cls_spread" not in parts:
@@ -621,6 +639,7 @@ def assess_image_full(image: np.ndarray, male: bool, models: LoadedModels, cfg, 
     cls_ratio = float(np.mean(ratios)) if ratios else None
     qc_in = {**img_qc, **shape_qc, "mask_area_frac": area, "quality_parts": parts, "keypoint_confidence": kp_conf,
              "noise_sigma": float(info.get("noise_sigma", 0.0)),
+             **({"thumb_depth_frac": depth} if (depth := thumb_depth(points, kp_mask)) is not None else {}),
              **({"region_spread_months": region_spread} if region_spread is not None else {}),
              "region_spread_ref": ((models.blend or {}).get("sexes", {}).get(sex, {})
                                    .get("region_spread_oof_quantiles") if kind == "blend" else None),
@@ -651,6 +670,7 @@ def assess_image_full(image: np.ndarray, male: bool, models: LoadedModels, cfg, 
             "cls_width_ratio": _r(cls_ratio, 3),
             "mask_quality": round(float(mask_q), 3), "mask_area_frac": round(area, 4),
             "noise_sigma": round(float(info.get("noise_sigma", 0.0)), 2),
+            "thumb_depth_frac": _r(qc_in.get("thumb_depth_frac"), 3),
             "inverted": bool(info.get("inverted", False)) != bool(norm.get("input_inverted", False)),
             "input_range": norm.get("input_range"),
             "keypoint_confidence": round(float(_finite(kp_conf)), 3) if not math.isnan(_finite(kp_conf)) else None,

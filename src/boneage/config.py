@@ -320,6 +320,11 @@ class PredictConfig:
     min_part_quality: float = 0.1  # one part below this rejects on its own
     # pixel noise inside the hand (masks.noise_sigma, grey levels after the input stretch): part 1 up to this
     # (rsna-half: 6.3 at most), then exp(-(sigma - ok) / scale); sigma-10 noise scores 0.37 or less
+    # thumb part: depth of the thumb tip inside the outline (distance to the mask's edge / tip-capitate length): a
+    # thumb tip lies at the outline's edge (1,000 rsna-half stage-3 points: median 0.029, 99th percentile 0.058);
+    # on a foot the network's "thumb" lands inside the outline (0.19-0.26 on the synthetic feet)
+    thumb_depth_ok_frac: float = 0.08
+    thumb_depth_scale_frac: float = 0.04
     noise_ok_sigma: float = 7.0
     noise_scale_sigma: float = 3.0
 
