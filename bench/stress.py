@@ -303,12 +303,13 @@ def to_markdown(summary: pd.DataFrame, rows: pd.DataFrame, args) -> str:
     inten = fam[fam["family"].isin(INTENSITY)]
     geo_ok = bool((geo["median"] < 1).all() and (geo["max"] <= 12).all())
     int_ok = bool((inten["median"] < 3).all())
+    absent = "not run (no such transform in these rows)"
     lines += ["", "Bars (issue): geometric families (" + ", ".join(GEOMETRIC) + ") median < 1 month and none > 12: "
-              + ("**met**" if geo_ok else "**not met** (" + ", ".join(
+              + (absent if geo.empty else "**met**" if geo_ok else "**not met** (" + ", ".join(
                   f"{f}: median {m:.2f}, max {x:.1f}" for f, m, x in zip(geo["family"], geo["median"], geo["max"])
                   if not (m < 1 and x <= 12)) + ")"),
               "Intensity families (" + ", ".join(INTENSITY) + ") median < 3 months: "
-              + ("**met**" if int_ok else "**not met** (" + ", ".join(
+              + (absent if inten.empty else "**met**" if int_ok else "**not met** (" + ", ".join(
                   f"{f}: {m:.2f}" for f, m in zip(inten["family"], inten["median"]) if not m < 3) + ")"), ""]
     return "\n".join(lines)
 

@@ -94,6 +94,8 @@ def test_stress_report_from_the_rows_of_two_shards(tmp_path, capsys):
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[2] == "3" and float(cells[3]) == pytest.approx(1.0) and float(cells[5]) == pytest.approx(2.0)
     assert "Radiographs: 3 of the rsna-half hold-out" in md
+    # only a flip was run: the intensity bar is not judged on no rows
+    assert "median < 3 months: not run" in md and "none > 12: **not met**" in md
 
 
 def test_stage12_speed_runs_stage_1_and_2_on_a_half_precision_unet(tmp_path, capsys):
