@@ -53,6 +53,7 @@ def main(argv=None) -> int:
 
     import boneage.segmentation as seg
     from boneage.masks import clean_radiograph
+    from boneage.runtime import thread_map
     from boneage.segmentation import load_unet, predict_masks
 
     net_s = [0.0]
@@ -95,10 +96,10 @@ def main(argv=None) -> int:
         masks = predict_masks(model, imgs, cfg.segment, args.device)
         sync()
         t2 = time.perf_counter()
-        cleans = seg.thread_map(lambda im_m: clean_radiograph(im_m[0], im_m[1], cfg.clean)[0], zip(imgs, masks),
+        cleans = thread_map(lambda im_m: clean_radiograph(im_m[0], im_m[1], cfg.clean)[0], zip(imgs, masks),
                                 cfg.clean.workers)
         t3 = time.perf_counter()
-        seg.thread_map(encode_pair, zip(masks, cleans), cfg.clean.workers)
+        thread_map(encode_pair, zip(masks, cleans), cfg.clean.workers)
         t4 = time.perf_counter()
         for k, (a, b) in zip(times, ((t0, t1), (t1, t2), (t2, t3), (t3, t4))):
             times[k] += b - a

@@ -22,6 +22,7 @@ from boneage.errors import StageInputError
 from boneage.fileio import atomic_write_csv, atomic_write_png, read_gray, read_mask
 from boneage.masks import clean_radiograph
 from boneage.qc import contact_sheet, outline_mask
+from boneage.runtime import thread_map
 
 log = logging.getLogger("boneage.clean")
 COLUMNS = ["id", "inverted", "kept_area_frac", "flag"]
@@ -46,7 +47,6 @@ def main(cfg, args):
         except (OSError, ValueError, pd.errors.ParserError):
             previous = {}
     rows = ds.all
-    from tqdm import tqdm
 
     def clean_one(r) -> dict:
         sid = str(r.id)
@@ -71,15 +71,8 @@ def main(cfg, args):
         return {"id": sid, "inverted": bool(info["inverted"]), "kept_area_frac": round(info["kept_area_frac"], 4),
                 "flag": flag}
 
-    items = list(rows.itertuples())
-    workers = max(1, int(cfg.clean.workers))
-    if workers == 1:
-        table = [clean_one(r) for r in tqdm(items, desc="clean", mininterval=5)]
-    else:  # OpenCV and numpy release the GIL: threads clean radiographs side by side (order kept)
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            table = list(tqdm(pool.map(clean_one, items), total=len(items), desc="clean", mininterval=5))
+    # OpenCV and numpy release the GIL: with clean.workers > 1 radiographs are cleaned side by side (order kept)
+    table = thread_map(clean_one, rows.itertuples(), max(1, int(cfg.clean.workers)), desc="clean")
     df = pd.DataFrame(table, columns=COLUMNS)
     atomic_write_csv(csv_path, df)
     n_inv = int(df.inverted.astype(str).eq("True").sum())

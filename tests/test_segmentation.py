@@ -285,7 +285,8 @@ def test_predict_mask_retries_inverted_radiographs():
 
 
 def test_post_processing_in_threads_gives_the_same_masks_in_order():
-    from boneage.segmentation import predict_masks_with_raw, thread_map
+    from boneage.runtime import thread_map
+    from boneage.segmentation import predict_masks_with_raw
     from test_masks import hand_mask, radiograph
 
     assert thread_map(lambda x: x * x, range(7), 3) == [x * x for x in range(7)]

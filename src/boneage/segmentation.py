@@ -47,6 +47,7 @@ from boneage.masks import (
     rotate_expanded,
     select_hand_component,
 )
+from boneage.runtime import thread_map
 
 log = logging.getLogger(__name__)
 
@@ -467,17 +468,6 @@ def predict_masks_with_raw(model: torch.nn.Module, images: list[np.ndarray], cfg
                           range(len(images)), workers)
         pairs = [pair for pair, _ in done]
     return pairs
-
-
-def thread_map(fn, items, workers: int) -> list:
-    """[fn(x) for x in items], in `workers` threads when more than one (order kept)."""
-    items = list(items)
-    if workers <= 1 or len(items) <= 1:
-        return [fn(x) for x in items]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
-        return list(pool.map(fn, items))
 
 
 def _upright_retry(model: torch.nn.Module, image: np.ndarray, pair: tuple[np.ndarray, np.ndarray], quality: float,
