@@ -78,7 +78,8 @@ class SegmentConfig:
     predict_batch_size: int = 16
     amp: bool = True  # inference on CUDA in bf16 autocast and channels-last (CPU: fp32, channels-last as before)
     # threads for the post-processing at each radiograph's own size (OpenCV and numpy release the GIL): on a GPU box
-    # it, not the network, bounds stage 1 (bench/stage12_speed.py: 62 of 65 ms per image on an H100)
+    # it, not the network, bounds stage 1 (bench/stage12_speed.py: 65 ms per image on an H100, about what the
+    # post-processing alone takes on one CPU thread)
     post_workers: int = 1
     polarity_retry_quality: float = 0.0  # masks below this (or a negative polarity score) are retried inverted
     upright_retry_deg: float = 35.0  # a mask whose long axis is further off vertical is segmented again upright; 0: off
