@@ -49,12 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
 
-    import torch
-
     import boneage.segmentation as seg
-    from boneage.masks import clean_radiograph
-    from boneage.runtime import thread_map
-    from boneage.segmentation import load_unet, predict_masks
 
     net_s = [0.0]
     probs_fn = seg.predict_probs
@@ -65,7 +60,20 @@ def main(argv=None) -> int:
         net_s[0] += time.perf_counter() - t
         return out
 
-    seg.predict_probs = timed_probs
+    seg.predict_probs = timed_probs  # put back when done: main() also runs inside the test process
+    try:
+        return _run(args, net_s)
+    finally:
+        seg.predict_probs = probs_fn
+
+
+def _run(args, net_s: list[float]) -> int:
+    """The timed run; `net_s[0]` collects the seconds spent in the network (see main)."""
+    import torch
+
+    from boneage.masks import clean_radiograph
+    from boneage.runtime import thread_map
+    from boneage.segmentation import load_unet, predict_masks
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.overrides)

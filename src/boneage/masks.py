@@ -743,7 +743,8 @@ def clean_radiograph(image: np.ndarray, mask: np.ndarray, cfg) -> tuple[np.ndarr
     """Stage 2 on one radiograph: polarity corrected, hand only (black background), denoised when noisy, grey
     levels stretched by the hand's own percentiles (`cfg.hand_stretch`, `stretch_inside`), CLAHE inside.
 
-    Returns the clean uint8 image (same size) and {inverted, kept_area_frac, flag, mask}. An empty
+    Returns the clean uint8 image (same size) and {inverted, kept_area_frac, flag, mask, hand_range (the [lo, hi]
+    grey levels stretched to 0..255), noise_sigma, denoised}. An empty
     or implausible mask never raises: the radiograph is kept whole (polarity corrected and
     equalised) and flagged.
     """
