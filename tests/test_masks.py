@@ -211,6 +211,23 @@ def test_refine_edges_moves_a_too_wide_border_onto_the_soft_tissue(inverted):
     assert (refine_edges(flat, wide, band_px=6) == wide).all()
 
 
+def test_refine_edges_carves_filled_webs_between_fingers_but_not_the_hand():
+    truth = hand_mask()
+    img = radiograph(truth, letters=False, band=False)
+    webbed = truth.copy()
+    webbed[60:171, 80:179] = True  # the gaps between the fingers filled down to the palm, up to 110 px deep
+    assert iou(webbed, truth) < 0.9
+    band_only = refine_edges(img, webbed, band_px=4)
+    carved = refine_edges(img, webbed, band_px=4, carve_frac=0.2)
+    assert iou(band_only, truth) < 0.92  # the band cannot reach the webs' depth ...
+    assert iou(carved, truth) > 0.95 and iou(carved, truth) > iou(band_only, truth) + 0.04  # ... the carve does
+    dark = img.copy()
+    dark[200:320] = np.minimum(dark[200:320], 35)  # wrist and forearm at the background's level (a cast, a heel)
+    kept = refine_edges(dark, webbed, band_px=4, carve_frac=0.2)
+    assert kept[230:320][truth[230:320]].mean() > 0.8  # carving the forearm away is refused ...
+    assert (kept == refine_edges(dark, webbed, band_px=4)).all()  # ... the band's refinement stands
+
+
 def test_prob_to_masks_clips_bands_and_refines_at_full_size():
     from boneage.config import load_config
     from boneage.segmentation import prob_to_masks, to_work
@@ -235,3 +252,54 @@ def test_prob_to_masks_clips_bands_and_refines_at_full_size():
     assert not after[-12:].any()
     assert iou(after, truth) > iou(before, truth) + 0.05 and iou(after, truth) > 0.93
     assert raw[-10:].mean() > 0.5  # the raw mask (for the self-check) is what the network said
+
+
+def tray_film(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A small hand X-rayed in a tray (rsna-half 1422): (radiograph, true hand mask, a network mask that took in the
+    tray's left half and the rims along its top and bottom, the way the U-Net does on such films)."""
+    h, w, y0, x0 = 420, 360, 40, 52
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w), 30.0)
+    img[20:400, 20:340] = 55.0  # the tray, a little brighter than the film around it
+    cv2.rectangle(img, (20, 20), (340, 400), 160.0, 3)  # its rim
+    truth = np.zeros((h, w), bool)
+    hand = hand_mask()
+    truth[y0:y0 + 320, x0:x0 + 256] = hand
+    img[truth] = radiograph(hand, seed, letters=False, band=False)[hand]
+    img = np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+    swallowed = truth.copy()
+    swallowed[18:402, 18:150] = True  # the tray's left half ...
+    swallowed[18:32, 18:342] = True  # ... and its rims
+    swallowed[388:402, 18:342] = True
+    return img, truth, swallowed
+
+
+def test_shed_tray_cuts_a_mask_back_to_the_hand_in_its_tray():
+    from boneage.masks import shed_tray
+
+    img, truth, swallowed = tray_film()
+    assert iou(swallowed, truth) < 0.6 and mask_quality(swallowed)[0] < 0.9
+    cut = shed_tray(img, swallowed)
+    assert cut is not None and iou(cut, truth) > 0.85 and (cut & truth).sum() > 0.97 * truth.sum()
+    near = cv2.dilate(truth.astype(np.uint8), np.ones((17, 17), np.uint8)) > 0  # the margin: 1.5 % of 420 px
+    assert not (cut & ~near).any()  # nothing left farther from the hand than the margin
+    assert not cut[18:32, 160:342].any()  # the rim is gone
+    assert shed_tray(img, truth) is None  # a hand-like mask is left alone
+    assert shed_tray(img, np.zeros_like(truth)) is None
+    flat = np.full(img.shape, 30, np.uint8)  # nothing for the classical guess to find: the mask stays as it was
+    assert shed_tray(flat, swallowed) is None
+
+
+def test_prob_to_masks_sheds_the_tray_unless_switched_off():
+    from boneage.config import load_config
+    from boneage.segmentation import prob_to_masks, to_work
+
+    img, truth, swallowed = tray_film(1)
+    wi = to_work(img, 128)
+    nh, nw = wi.inner
+    prob = np.zeros((128, 128), np.float32)
+    prob[:nh, :nw] = cv2.resize(swallowed.astype(np.float32), (nw, nh), interpolation=cv2.INTER_AREA)
+    on = prob_to_masks(prob, wi.inner, wi.size, load_config(None, []).segment, img)[1]
+    off = prob_to_masks(prob, wi.inner, wi.size, load_config(None, ["segment.tray_fallback=false"]).segment, img)[1]
+    assert iou(off, truth) < 0.7
+    assert iou(on, truth) > 0.85

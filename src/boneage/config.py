@@ -68,6 +68,9 @@ class SegmentConfig:
     # the border onto the soft-tissue edge within this many working pixels (masks.refine_edges; 0: off)
     clip_bright_bands: bool = True
     refine_edge_work_px: float = 1.5
+    # and deeper than that band where it carves at most this share off the mask: the webs between the fingers,
+    # which the network fills at a coarse working size (phantoms: median IoU 0.953 -> 0.975; 0: off)
+    refine_carve_frac: float = 0.1
     # then, around each fingertip of the mask (masks.extend_fingertips), grow it into faint soft tissue brighter than
     # the local background by k x its SD (at most this share of the hand length; 0: off), and optionally dilate a
     # cap over each tip by fingertip_margin_frac of the long side (keypoints sit at the soft tissue's very tip; 0.01
@@ -75,6 +78,12 @@ class SegmentConfig:
     fingertip_grow_frac: float = 0.03
     fingertip_k_noise: float = 3.0
     fingertip_margin_frac: float = 0.0
+    # last, a mask that took in a tray or field box around a small hand (long straight sides, quality below
+    # tray_max_quality) is cut back to the classical first guess when that scores tray_min_gain better and lies
+    # inside it (masks.shed_tray; rsna-half: 2 masks above 2.5 x the keypoints' hull -> 0, points inside unchanged)
+    tray_fallback: bool = True
+    tray_max_quality: float = 0.9
+    tray_min_gain: float = 0.1
     predict_batch_size: int = 16
     amp: bool = True  # inference on CUDA in bf16 autocast and channels-last (CPU: fp32, channels-last as before)
     # threads for the post-processing at each radiograph's own size (OpenCV and numpy release the GIL): on a GPU box

@@ -363,19 +363,22 @@ def _otsu(values: np.ndarray, bins: int = 64) -> tuple[float, float]:
 
 
 def refine_edges(image: np.ndarray, mask: np.ndarray, band_px: int, min_separation: float = 0.5,
-                 smooth_sigma_frac: float = 0.002) -> np.ndarray:
+                 smooth_sigma_frac: float = 0.002, carve_frac: float = 0.0) -> np.ndarray:
     """Put a mask's border (upsampled from the U-Net's working resolution, so off by a working pixel or
     two) on the radiograph's own soft-tissue edge: within `band_px` of the border, pixels are reassigned by
     an Otsu threshold of the band's intensities, on the side of the hand's polarity (soft tissue brighter
     or darker than the background, whichever the band shows). Where the band does not split into two
     clear levels (between-class variance share below `min_separation`: faint soft tissue, a cast) the
-    mask is returned unchanged."""
+    mask is returned unchanged. With `carve_frac` > 0 the threshold also applies deeper than the band (the
+    webs between the fingers, which a coarse network fills), when that removes at most `carve_frac` of the
+    band-refined mask (more would be soft tissue at the background's level, not a web)."""
     m = mask.astype(bool)
     if band_px < 1 or not m.any():
         return m
     mu8 = m.astype(np.uint8)
     inner = cv2.erode(mu8, _disk(band_px)) > 0
-    band = (cv2.dilate(mu8, _disk(band_px)) > 0) & ~inner
+    outer = cv2.dilate(mu8, _disk(band_px)) > 0
+    band = outer & ~inner
     inside, outside = image[band & m], image[band & ~m]
     if inside.size < 50 or outside.size < 50:
         return m
@@ -387,6 +390,10 @@ def refine_edges(image: np.ndarray, mask: np.ndarray, band_px: int, min_separati
     refined = fill_holes(select_hand_component(inner | (band & (v > t))))
     if not refined.any():
         return m
+    if carve_frac > 0:
+        carved = fill_holes(select_hand_component(outer & (v > t)))
+        if carved.sum() >= (1.0 - carve_frac) * refined.sum():
+            refined = carved
     return smooth_mask(refined, smooth_sigma_frac * max(m.shape))
 
 
@@ -642,6 +649,31 @@ def classical_mask(image: np.ndarray, work_px: int = 256) -> tuple[np.ndarray, f
     """
     m, q, flag, _ = _classical(image, work_px)
     return m, q, flag
+
+
+def shed_tray(image: np.ndarray, mask: np.ndarray, max_quality: float = 0.9, min_gain: float = 0.1,
+              max_area_ratio: float = 0.7, margin_frac: float = 0.015, min_inside: float = 0.97) -> np.ndarray | None:
+    """A network mask that took in a tray or field box around the hand, cut back to the hand; None when not such.
+
+    Small hands X-rayed in a tray (rsna-half 1402, 1422, 1581, 2058) get a mask that runs along the tray's rim and
+    fills part of its inside: long straight sides, and a quality below `max_quality`. When the classical first
+    guess (`classical_mask`) scores at least `min_gain` better, lies inside the mask (`min_inside` of it) and
+    covers at most `max_area_ratio` of it, the mask is cut to within `margin_frac` of the long side of the
+    classical one (the network's fingertips stay, the tray goes) and its hand component returned."""
+    f = shape_features(mask)
+    if f["straight"] <= 0 or not mask.any():
+        return None
+    q_net, _ = quality_from_features(f)
+    if q_net >= max_quality:
+        return None
+    guess, q_guess, _ = classical_mask(image)
+    area = int(guess.sum())
+    if (area == 0 or q_guess < q_net + min_gain or (guess & mask).sum() < min_inside * area
+            or area > max_area_ratio * mask.sum()):
+        return None
+    r = max(1, round(margin_frac * max(mask.shape)))
+    near = cv2.dilate(guess.astype(np.uint8), _disk(r)) > 0
+    return select_hand_component(mask & near)
 
 
 # ----------------------------------------------------------------------------------------- stage 2

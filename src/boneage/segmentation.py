@@ -46,6 +46,7 @@ from boneage.masks import (
     refine_edges,
     rotate_expanded,
     select_hand_component,
+    shed_tray,
 )
 from boneage.runtime import thread_map
 
@@ -127,7 +128,8 @@ def prob_to_masks(prob: np.ndarray, inner: tuple[int, int], size: tuple[int, int
     post-processed mask is clipped to the exposed field (`segment.clip_bright_bands`) and, after the
     optional dilation, its border is moved onto the soft-tissue edge (`segment.refine_edge_work_px`); last, it is
     grown at the fingertips into faint soft tissue (`segment.fingertip_grow_frac`, `fingertip_k_noise`,
-    `fingertip_margin_frac`; `masks.extend_fingertips`)."""
+    `fingertip_margin_frac`; `masks.extend_fingertips`). Before the growth, a mask that took in a tray around the
+    hand is cut back to the hand (`segment.tray_fallback`; `masks.shed_tray`)."""
     nh, nw = inner
     h, w = size
     crop = np.ascontiguousarray(prob[:nh, :nw].astype(np.float32))
@@ -136,7 +138,11 @@ def prob_to_masks(prob: np.ndarray, inner: tuple[int, int], size: tuple[int, int
     hand = postprocess_mask(raw & field, cfg.smooth_sigma_frac, cfg.dilate_frac)
     band = round(float(cfg.refine_edge_work_px) * max(h, w) / max(nh, nw))
     if image is not None and band >= 1:  # after the dilation: a mask a little too wide is pulled back to the edge
-        hand = select_hand_component(refine_edges(image, hand, band) & field)
+        carve = float(cfg.refine_carve_frac)
+        hand = select_hand_component(refine_edges(image, hand, band, carve_frac=carve) & field)
+    if image is not None and cfg.tray_fallback:  # a tray or field box taken in around a small hand
+        cut = shed_tray(image, hand, float(cfg.tray_max_quality), float(cfg.tray_min_gain))
+        hand = hand if cut is None else cut
     grow = float(cfg.fingertip_grow_frac)
     margin = float(cfg.fingertip_margin_frac) * max(h, w)
     if image is not None and (grow > 0 or margin >= 0.5):  # faint fingertip soft tissue the network left out
