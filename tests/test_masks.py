@@ -284,6 +284,12 @@ def test_shed_tray_cuts_a_mask_back_to_the_hand_in_its_tray():
     near = cv2.dilate(truth.astype(np.uint8), np.ones((17, 17), np.uint8)) > 0  # the margin: 1.5 % of 420 px
     assert not (cut & ~near).any()  # nothing left farther from the hand than the margin
     assert not cut[18:32, 160:342].any()  # the rim is gone
+    hull = cv2.convexHull(np.argwhere(truth)[:, ::-1].astype(np.int32))
+    blob = cv2.dilate(cv2.fillConvexPoly(np.zeros(truth.shape, np.uint8), hull, 1), np.ones((19, 19), np.uint8)) > 0
+    assert mask_quality(blob)[0] < 0.9  # a mitten into the tray, no straight side (1402 in predict.py's stretch)
+    cut = shed_tray(img, blob)  # the webs narrower than twice the margin stay (stage 1's carve takes them first)
+    assert cut is not None and not (cut & ~near).any() and (cut & truth).sum() > 0.97 * truth.sum()
+    assert iou(cut, truth) > iou(blob, truth) + 0.1
     assert shed_tray(img, truth) is None  # a hand-like mask is left alone
     assert shed_tray(img, np.zeros_like(truth)) is None
     flat = np.full(img.shape, 30, np.uint8)  # nothing for the classical guess to find: the mask stays as it was

@@ -78,9 +78,10 @@ class SegmentConfig:
     fingertip_grow_frac: float = 0.03
     fingertip_k_noise: float = 3.0
     fingertip_margin_frac: float = 0.0
-    # last, a mask that took in a tray or field box around a small hand (long straight sides, quality below
-    # tray_max_quality) is cut back to the classical first guess when that scores tray_min_gain better and lies
-    # inside it (masks.shed_tray; rsna-half: 2 masks above 2.5 x the keypoints' hull -> 0, points inside unchanged)
+    # before the fingertip growth, a mask that took in a tray or field box around a small hand (quality below
+    # tray_max_quality: straight sides, a mitten) is cut back to the classical first guess when that scores
+    # tray_min_gain better and lies inside it (masks.shed_tray; rsna-half: 2 masks above 2.5 x the keypoints' hull
+    # -> 0, points inside unchanged)
     tray_fallback: bool = True
     tray_max_quality: float = 0.9
     tray_min_gain: float = 0.1

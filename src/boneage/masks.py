@@ -656,14 +656,14 @@ def shed_tray(image: np.ndarray, mask: np.ndarray, max_quality: float = 0.9, min
     """A network mask that took in a tray or field box around the hand, cut back to the hand; None when not such.
 
     Small hands X-rayed in a tray (rsna-half 1402, 1422, 1581, 2058) get a mask that runs along the tray's rim and
-    fills part of its inside: long straight sides, and a quality below `max_quality`. When the classical first
-    guess (`classical_mask`) scores at least `min_gain` better, lies inside the mask (`min_inside` of it) and
-    covers at most `max_area_ratio` of it, the mask is cut to within `margin_frac` of the long side of the
-    classical one (the network's fingertips stay, the tray goes) and its hand component returned."""
-    f = shape_features(mask)
-    if f["straight"] <= 0 or not mask.any():
+    fills part of its inside, or a blob around the hand: a quality below `max_quality` (straight sides, no finger
+    gaps). When the classical first guess (`classical_mask`) scores at least `min_gain` better, lies inside the mask
+    (`min_inside` of it) and covers at most `max_area_ratio` of it, the mask is cut to within `margin_frac` of the
+    long side of the classical one (the network's fingertips stay, the tray goes) and its hand component
+    returned."""
+    if not mask.any():
         return None
-    q_net, _ = quality_from_features(f)
+    q_net, _ = quality_from_features(shape_features(mask))
     if q_net >= max_quality:
         return None
     guess, q_guess, _ = classical_mask(image)
