@@ -1,7 +1,6 @@
 """U-Net loss, working-resolution geometry, API, and the bootstrap from zero masks on phantoms."""
 
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from boneage.segmentation import (
     load_unet,
     mask_to_work,
     predict_mask,
+    predict_masks,
     prob_to_mask,
     relabel_unet,
     save_unet,
@@ -132,27 +132,29 @@ def test_classical_pseudo_labels_on_phantoms():
         assert ious[keep].mean() > ious[~keep].mean()
 
 
-@pytest.mark.skipif(not os.environ.get("BONEAGE_SLOW_TESTS"),
-                    reason="U-Net bootstrap on phantoms takes minutes on a loaded 2-core machine; "
-                           "set BONEAGE_SLOW_TESTS=1 (figures in bench/notes/segmentation.md)")
-def test_bootstrap_on_phantoms_from_zero_masks():
-    """Classical pseudo-labels -> U-Net -> one self-training round, no manual mask, small profile."""
+def test_bootstrap_on_phantoms_from_zero_masks_reaches_the_iou_bar():
+    """Issue 4's phantom bar (median IoU >= 0.97 with zero manual masks) in a profile scaled to the test suite: 128
+    training phantoms at 256 px, the U-Net at 80 px, classical pseudo-labels -> 20 epochs -> one self-training round
+    of 4; stage 1's own post-processing at the phantoms' size; median IoU on 24 phantoms it never saw. (0.985 when
+    written, about 2.5 CPU minutes; with 13 manual masks also 0.985. The demo profile's figures, 0.991 with zero and
+    with 10 % manual masks, are in BENCHMARKS.md.)"""
+    manual_share, bar = 0.0, 0.97
     pytest.importorskip("boneage.phantom")
     torch.set_num_threads(2)
-    samples = _phantom_set(16, 128)
-    cfg = small_cfg(work_size_px=128, epochs=30, epochs_per_round=5, self_training_rounds=1, batch_size=8,
-                    lr=3e-3, decoder_channels="[16,8,8]")
-    works = [to_work(s.image, 128) for s in samples]
-    stack = np.stack([w.image for w in works])
-    boot = bootstrap_unet(stack, [w.inner for w in works], {}, cfg, torch.device("cpu"), seed=0)
-    assert [r["round"] for r in boot.rounds] == [0, 1]
-    assert boot.rounds[0]["kept"] > 0 and "quality" in boot.rounds[1]
-    ious = []
-    for s in samples:  # stage 1 predicts for its training radiographs too; no label was ever seen
-        m = predict_mask(boot.model, s.image, cfg, torch.device("cpu"))
-        gt = s.mask > 127
-        ious.append((m & gt).sum() / max((m | gt).sum(), 1))
-    assert np.median(ious) > PHANTOM_SMALL_IOU, ious
+    torch.manual_seed(0)
+    ws = 80
+    train, test = _phantom_set(128, 256, seed=3), _phantom_set(24, 256, seed=4)
+    cfg = load_config(None, [f"segment.work_size_px={ws}", "segment.epochs=20", "segment.epochs_per_round=4",
+                             "segment.self_training_rounds=1", "segment.batch_size=8", "segment.lr=3e-3"]).segment
+    works = [to_work(s.image, ws) for s in train]
+    step = round(1 / manual_share) if manual_share else 0
+    manual = {k: mask_to_work(train[k].mask > 127, ws) for k in range(0, len(train), step)} if step else {}
+    boot = bootstrap_unet(np.stack([w.image for w in works]), [w.inner for w in works], manual, cfg,
+                          torch.device("cpu"), seed=0)
+    assert [r["round"] for r in boot.rounds] == [0, 1] and boot.rounds[0]["kept"] > 0
+    masks = predict_masks(boot.model, [s.image for s in test], cfg, torch.device("cpu"))
+    ious = [float((m & (s.mask > 127)).sum() / max((m | (s.mask > 127)).sum(), 1)) for m, s in zip(masks, test)]
+    assert np.median(ious) >= bar, np.round(ious, 3)
 
 
 def test_relabel_round_takes_the_pipeline_masks_at_full_size(monkeypatch):
@@ -204,9 +206,6 @@ def test_unet_rotation_augmentation_range(rotate_deg, lo, hi):
         ev = np.linalg.eigh(cov)[1][:, -1]
         tilts.append(np.degrees(np.arccos(min(1.0, abs(ev[1])))))
     assert lo <= max(tilts) <= hi, max(tilts)
-
-
-PHANTOM_SMALL_IOU = 0.75  # small profile (16 phantoms at 128 px); far below the 0.97 bar, see bench notes
 
 
 def test_stages_01_02_end_to_end(tmp_path):
