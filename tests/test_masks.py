@@ -17,6 +17,7 @@ from boneage.masks import (
     mask_quality,
     postprocess_mask,
     refine_edges,
+    shed_tray,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -275,8 +276,6 @@ def tray_film(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def test_shed_tray_cuts_a_mask_back_to_the_hand_in_its_tray():
-    from boneage.masks import shed_tray
-
     img, truth, swallowed = tray_film()
     assert iou(swallowed, truth) < 0.6 and mask_quality(swallowed)[0] < 0.9
     cut = shed_tray(img, swallowed)

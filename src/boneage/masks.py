@@ -663,7 +663,7 @@ def shed_tray(image: np.ndarray, mask: np.ndarray, max_quality: float = 0.9, min
     returned."""
     if not mask.any():
         return None
-    q_net, _ = quality_from_features(shape_features(mask))
+    q_net, _ = mask_quality(mask)
     if q_net >= max_quality:
         return None
     guess, q_guess, _ = classical_mask(image)
