@@ -21,6 +21,11 @@ import numpy as np
 FLAG_QUALITY = 0.5  # mask_quality flags masks below this
 TIE_AREA_RANK = 0.85  # rank (0 smallest .. 1 largest) of the chosen mask among near-best candidates
 OPEN_PX = 5  # opening kernel of the classical guess at 256 px: cuts thin bridges to collimation edges
+# a straight edge deviates from its chord by at most this share of the long side (1.5 px at 256 px). At 0.012
+# (3 px) the sides of spread fingers and of the palm counted too: right masks of hands filling the film scored 0
+# (rsna-half 5916, 14175: 2.2 and 1.6 long sides of "straight" outline; at 0.006, 0 and 0, and no real mask above
+# 0.81), while the straight sides of a knee or a collimation field stay (the knee negatives: 1.54 either way)
+STRAIGHT_TOL_FRAC = 0.006
 
 
 # ----------------------------------------------------------------------------------------- polarity
@@ -163,10 +168,11 @@ def shape_features(mask: np.ndarray) -> dict:
     if len(c) >= 5 and area > 0:
         depth = defect_depths(c)
         feats["defects"] = int((depth > 0.12 * np.sqrt(hull_area)).sum())
-    # straight edges (collimation borders, rulers): polygon sides longer than a quarter of the long
-    # side, not lying on the image border, summed and divided by the long side
+    # straight edges (collimation borders, rulers, tray rims): polygon sides longer than 0.35 of the long side,
+    # straight within STRAIGHT_TOL_FRAC of it and not lying on the image border, summed and divided by the long
+    # side. A hand filling its film has finger and palm sides that long, straight within 3 px but not 1.5
     long_side = max(h, w)
-    poly = cv2.approxPolyDP(c, 0.012 * long_side, True)[:, 0, :].astype(np.float32)
+    poly = cv2.approxPolyDP(c, STRAIGHT_TOL_FRAC * long_side, True)[:, 0, :].astype(np.float32)
     straight = 0.0
     for p0, p1 in zip(poly, np.roll(poly, -1, axis=0)):
         seg = float(np.hypot(*(p1 - p0)))
