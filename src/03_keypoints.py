@@ -162,7 +162,7 @@ def main(cfg, args):
         bs = 32
         for b in tqdm(range(0, len(ids), bs), desc="03 predict", leave=False):
             chunk = ids[b:b + bs]
-            out = predict_batch(model, [views[i][0] for i in chunk], device)
+            out = predict_batch(model, [views[i][0] for i in chunk], device, kcfg.flip_average)
             for i, p in zip(chunk, out):
                 preds[i] = from_view(p, views[i][1])
         pids = list(preds)

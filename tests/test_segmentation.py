@@ -298,3 +298,30 @@ def test_post_processing_in_threads_gives_the_same_masks_in_order():
     for (r1, m1), (r3, m3) in zip(one, three):
         assert np.array_equal(r1, r3) and np.array_equal(m1, m3)
     assert not np.array_equal(one[0][1], one[2][1])  # the third is mirrored: order kept, not a copy of the first
+
+
+class _LeansRight(torch.nn.Module):
+    """A stand-in network that is not mirror-symmetric: 'hand' where the input 3 px to the left is bright."""
+
+    def forward(self, x):
+        return torch.nn.functional.pad(x, (3, 0))[..., :-3] * 20.0
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_flip_tta_gives_a_mirrored_film_exactly_the_mirrored_probabilities(tta):
+    from boneage.segmentation import work_probs
+    from test_masks import hand_mask, radiograph
+
+    cfg = small_cfg(work_size_px=128, flip_tta=tta)
+    img = radiograph(hand_mask(), letters=False, band=False)  # 320 x 256: the work square pads it on the right
+    mirrored = np.ascontiguousarray(img[:, ::-1])
+    works, works_m = [to_work(img, 128)], [to_work(mirrored, 128)]
+    nh, nw = works[0].inner
+    assert nw < 128 and np.array_equal(works_m[0].image[:nh, :nw], works[0].image[:nh, :nw][:, ::-1])
+    p = work_probs(_LeansRight(), works, cfg, torch.device("cpu"))[0][:nh, :nw]
+    p_m = work_probs(_LeansRight(), works_m, cfg, torch.device("cpu"))[0][:nh, :nw]
+    gap = np.abs(p_m[:, ::-1] - p).max()
+    if tta:
+        assert gap < 1e-6
+    else:
+        assert gap > 0.5  # the network alone reads the mirror image differently

@@ -86,6 +86,10 @@ class SegmentConfig:
     tray_max_quality: float = 0.9
     tray_min_gain: float = 0.1
     predict_batch_size: int = 16
+    # the U-Net also reads each radiograph mirrored and the two probability maps are averaged (the mirrored one
+    # mirrored back): a flipped film then gets the same mask, flipped (flip stress: 1.06 months median without it,
+    # 0.16 with; keypoints.flip_average). Twice the network's time
+    flip_tta: bool = True
     amp: bool = True  # inference on CUDA in bf16 autocast and channels-last (CPU: fp32, channels-last as before)
     # threads for the post-processing at each radiograph's own size (OpenCV and numpy release the GIL): on a GPU box
     # it, not the network, bounds stage 1 (bench/stage12_speed.py: 65 ms per image on an H100, about what the
@@ -156,6 +160,11 @@ class KeypointsConfig:
     # nearly all left hands, and a network that saw no right hand put the thumb of a flipped film on the left hand's
     # side, so registration did not mirror it back (stress test, issue 11)
     aug_hflip_p: float = 0.5
+    # read every view and its mirror image and average the two answers (the mirror's moved back): a flipped film then
+    # gets the same points, mirrored (with segment.flip_tta and the pixel-centre fixes of session 9, 20 hold-out films
+    # flipped moved 0.16 months median, against 0.92 before; bench/notes/robustness.md). Needs a network trained with
+    # aug_hflip_p > 0
+    flip_average: bool = True
     min_train_images: int = 8  # fewer labelled images (manual + pseudo): no network, geometric points only
     max_pseudo_labels: int = 400  # at most this many geometric pseudo-labels (the most confident; CPU time)
     tip_inset_frac: float = 0.03  # geometric: step from the soft-tissue tip toward the bone tip (x tip-palm length)

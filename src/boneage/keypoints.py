@@ -223,11 +223,18 @@ def geometric_keypoints(mask: np.ndarray, tip_inset_frac: float | None = None, c
         conf *= 0.6
     if not m[int(round(cap[1])), int(round(cap[0]))]:
         conf *= 0.5
-    pts = np.stack([tip_in, thumb_in, cap]) / s
+    # back to the mask's pixels, pixel centre to pixel centre (x / s alone moved every point (1 / s - 1) / 2 px to
+    # the top left, so a mirrored film's points came back 2-3 px off the mirror of the film's: stress test, flip)
+    full = np.array([W / w, H / h])
+
+    def back(q):
+        return (np.asarray(q, np.float64) + 0.5) * full - 0.5
+
+    pts = back(np.stack([tip_in, thumb_in, cap]))
     if return_debug:
-        return pts, float(np.clip(conf, 0, 1)), {"r": r / s, "c": c / s, "n_fingers": nf, "gap_deg": gap_deg,
-                                                    "tips": [f["tip"] / s for f in cand],
-                                                    "tip_raw": tip / s, "perp": perp, "L": L / s}
+        return pts, float(np.clip(conf, 0, 1)), {"r": r / s, "c": back(c), "n_fingers": nf, "gap_deg": gap_deg,
+                                                    "tips": [back(f["tip"]) for f in cand],
+                                                    "tip_raw": back(tip), "perp": perp, "L": L / s}
     return pts, float(np.clip(conf, 0, 1))
 
 
@@ -353,9 +360,10 @@ def view_at_angle(image: np.ndarray, mask: np.ndarray | None, ang: float, cfg) -
     rh, rw = rot.shape[:2]
     m = None if mask is None else np.asarray(mask)
     if m is not None and m.shape == image.shape[:2] and m.any():
-        ys, xs = np.nonzero(m[::2, ::2])
-        q = np.stack([xs * 2.0, ys * 2.0], 1) @ M[:, :2].T + M[:, 2]
-        (x0, y0), (x1, y1) = q.min(0), q.max(0) + 2
+        # the mask's outline, every pixel of it: a subsampled mask framed a mirrored film up to 2 px differently
+        outline = np.vstack(cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)[0])
+        q = outline.reshape(-1, 2).astype(np.float64) @ M[:, :2].T + M[:, 2]
+        (x0, y0), (x1, y1) = q.min(0) - 0.5, q.max(0) + 0.5
     else:
         x0, y0, x1, y1 = 0.0, 0.0, float(rw), float(rh)
     side = max(x1 - x0, y1 - y0) * (1 + 2 * float(cfg.view_margin))
@@ -368,10 +376,14 @@ def view_at_angle(image: np.ndarray, mask: np.ndarray | None, ang: float, cfg) -
         pre_x, pre_y = rot.shape[1] / rw, rot.shape[0] / rh
     else:
         pre_x = pre_y = 1.0
-    S = np.array([[k / pre_x, 0, size / 2 - k * cx], [0, k / pre_y, size / 2 - k * cy]])
+    # the frame's centre onto the square's centre pixel, (size - 1) / 2, so that the view of a mirrored film is the
+    # mirror of the film's view; a pre-shrunk pixel's centre is at x_rot = (x_pre + 0.5) / pre_x - 0.5
+    mid = (size - 1) / 2
+    S = np.array([[k / pre_x, 0, mid - k * cx + 0.5 * k * (1 / pre_x - 1)],
+                  [0, k / pre_y, mid - k * cy + 0.5 * k * (1 / pre_y - 1)]])
     sq = cv2.warpAffine(rot, S, (size, size), flags=cv2.INTER_LINEAR,
                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    fwd = np.vstack([[[k, 0, size / 2 - k * cx], [0, k, size / 2 - k * cy]], [0, 0, 1]]) @ np.vstack([M, [0, 0, 1]])
+    fwd = np.vstack([[[k, 0, mid - k * cx], [0, k, mid - k * cy]], [0, 0, 1]]) @ np.vstack([M, [0, 0, 1]])
     return sq, invert_affine(fwd[:2])
 
 
@@ -492,14 +504,23 @@ def train_model(images: list[np.ndarray], points: list[np.ndarray], visible: lis
     return model
 
 
-def predict_batch(model, images: list[np.ndarray], device) -> np.ndarray:
-    """(N, 3, 2) in input px for square inputs."""
+def predict_batch(model, images: list[np.ndarray], device, flip_average: bool = False) -> np.ndarray:
+    """(N, 3, 2) in input px for square inputs. `flip_average`: each image is also read mirrored, in the same
+    pass, and the mirrored answer, moved back (x -> size - 1 - x, pixel centres at integers as cv2 warps them),
+    is averaged with the direct one (`KeypointConfig.flip_average`)."""
     torch = _torch()
     size = images[0].shape[0]
     with torch.inference_mode():
-        x = _tensor(images, device).contiguous(memory_format=torch.channels_last)
-        out = model(x).float().cpu().numpy()
-    return out.reshape(-1, 3, 2) * size
+        x = _tensor(images, device)
+        if flip_average:
+            x = torch.cat([x, x.flip(-1)])
+        out = model(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
+    out = out.reshape(-1, 3, 2) * size
+    if not flip_average:
+        return out
+    direct, mirrored = out[:len(images)], out[len(images):].copy()
+    mirrored[..., 0] = (size - 1) - mirrored[..., 0]
+    return 0.5 * (direct + mirrored)
 
 
 MODEL_FILE = "model.pt"
@@ -684,7 +705,7 @@ def _usable(points: np.ndarray, mask) -> bool:
 
 def _read_turned(model, image, mask, angles: list[float], cfg, device) -> list[np.ndarray]:
     views = [view_at_angle(image, mask, a, cfg) for a in angles]
-    out = predict_batch(model, [v[0] for v in views], device)
+    out = predict_batch(model, [v[0] for v in views], device, cfg.flip_average)
     return [from_view(o, back) for o, (_, back) in zip(out, views)]
 
 
@@ -706,7 +727,8 @@ def second_readings(model, images: list[np.ndarray], masks: list, firsts: list[n
     for b in range(0, len(todo), batch):
         chunk = todo[b:b + batch]
         views = [view_at_angle(images[k], masks[k], axis_upright_angle(firsts[k]), cfg) for k in chunk]
-        for k, o, (_, back) in zip(chunk, predict_batch(model, [v[0] for v in views], device), views):
+        for k, o, (_, back) in zip(chunk, predict_batch(model, [v[0] for v in views], device, cfg.flip_average),
+                                   views):
             out[k] = from_view(o, back)
     return out
 
@@ -756,7 +778,7 @@ def predict_keypoints(model, clean_image: np.ndarray, mask: np.ndarray, cfg, dev
     if model is None:
         return geo, gconf, "geometric"
     sq, back = network_view(clean_image, mask, geo, gconf, cfg)
-    pts = from_view(predict_batch(model, [sq], device)[0], back)
+    pts = from_view(predict_batch(model, [sq], device, cfg.flip_average)[0], back)
     return finish_network_points(model, clean_image, mask, pts, geo, gconf, cfg, device)
 
 

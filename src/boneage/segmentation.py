@@ -424,6 +424,29 @@ def predict_mask(model: torch.nn.Module, image: np.ndarray, cfg, device) -> np.n
     return predict_masks(model, [image], cfg, device)[0]
 
 
+def work_probs(model: torch.nn.Module, works: list, cfg, device) -> np.ndarray:
+    """(N, S, S) probabilities of `to_work` images; with `cfg.flip_tta` the mean of the direct and the mirrored
+    reading (`_flip_inner`), so that a mirrored radiograph gets exactly the mirrored probabilities."""
+    bs = max(1, int(cfg.predict_batch_size))
+    probs = predict_probs(model, np.stack([w.image for w in works]), device, bs, amp=cfg.amp)
+    if not cfg.flip_tta:
+        return probs
+    mirrored = predict_probs(model, np.stack(_flip_inner([w.image for w in works], works)), device, bs, amp=cfg.amp)
+    return 0.5 * (probs + np.stack(_flip_inner(mirrored, works)))
+
+
+def _flip_inner(arrays, works: list) -> list[np.ndarray]:
+    """Each work-size array with its radiograph's part (`inner`, top left; the padding stays where it is) mirrored
+    left to right: the U-Net then sees a mirrored film exactly as it sees the film's mirror image (`flip_tta`)."""
+    out = []
+    for a, wk in zip(arrays, works):
+        a = np.array(a, copy=True)
+        nh, nw = wk.inner
+        a[:nh, :nw] = a[:nh, :nw][:, ::-1]
+        out.append(a)
+    return out
+
+
 def predict_mask_and_raw(model: torch.nn.Module, image: np.ndarray, cfg, device) -> tuple[np.ndarray, np.ndarray]:
     """One uint8 radiograph -> (raw, post-processed) bool masks from the same prediction (see `prob_to_masks`)."""
     return predict_masks_with_raw(model, [image], cfg, device)[0]
@@ -449,7 +472,7 @@ def predict_masks_with_raw(model: torch.nn.Module, images: list[np.ndarray], cfg
     bs = max(1, int(cfg.predict_batch_size))
     workers = int(getattr(cfg, "post_workers", 1))
     works = [to_work(img, s) for img in images]
-    probs = predict_probs(model, np.stack([w.image for w in works]), device, bs, amp=cfg.amp)
+    probs = work_probs(model, works, cfg, device)
     pairs = thread_map(lambda k: prob_to_masks(probs[k], works[k].inner, works[k].size, cfg, images[k]),
                        range(len(images)), workers)
     retry_q = float(cfg.polarity_retry_quality)
