@@ -468,30 +468,39 @@ def test_stage_4_without_keypoints_is_a_clear_error(tmp_path):
 
 
 class _CentroidPlusBias(torch.nn.Module):
-    """A stand-in keypoint network that is not mirror-symmetric: all three points at the bright pixels' centroid,
-    plus 4 input px in x."""
+    """A stand-in keypoint network that is not mirror-symmetric: tip, thumb tip and capitate 20 px apart on a
+    vertical line through the bright pixels' centroid, moved `bias` input px in x."""
+
+    def __init__(self, bias: float):
+        super().__init__()
+        self.bias = bias
 
     def forward(self, x):
         n, _, h, w = x.shape
         wsum = x.sum((1, 2, 3)).clamp_min(1e-6)
-        xs = (x * torch.arange(w, dtype=x.dtype)).sum((1, 2, 3)) / wsum
+        xs = (x * torch.arange(w, dtype=x.dtype)).sum((1, 2, 3)) / wsum + self.bias
         ys = (x * torch.arange(h, dtype=x.dtype)[:, None]).sum((1, 2, 3)) / wsum
-        return (torch.stack([xs + 4.0, ys], 1) / w).repeat(1, 3)
+        return torch.stack([xs, ys - 20, xs, ys, xs, ys + 20], 1) / w
 
 
 def test_flip_average_reads_a_mirrored_view_as_the_mirror_of_the_view():
-    from boneage.keypoints import predict_batch
+    from boneage.keypoints import FLIP_AGREE_FRAC, predict_batch
 
     img = np.zeros((64, 64), np.uint8)
-    cv2.circle(img, (20, 30), 6, 255, -1)  # centroid at x = 20
+    cv2.circle(img, (20, 30), 6, 255, -1)  # centroid at x = 20, y = 30
     mirrored = np.ascontiguousarray(img[:, ::-1])
+    small = 0.4 * FLIP_AGREE_FRAC * 40  # the readings, 2 x bias apart, agree within FLIP_AGREE_FRAC of 40 px
     for flip in (False, True):
-        p, q = predict_batch(_CentroidPlusBias(), [img, mirrored], "cpu", flip_average=flip)
-        assert np.allclose(p[:, 1], 30.0, atol=0.01) and np.allclose(q[:, 1], 30.0, atol=0.01)
+        p, q = predict_batch(_CentroidPlusBias(small), [img, mirrored], "cpu", flip_average=flip)
+        assert np.allclose(p[:, 1], [10, 30, 50], atol=0.01) and np.allclose(q[:, 1], [10, 30, 50], atol=0.01)
         if flip:  # the bias cancels: the centroid itself, and exactly mirrored on the mirror image
             assert np.allclose(p[:, 0], 20.0, atol=0.01) and np.allclose(q[:, 0], 63 - p[:, 0], atol=1e-4)
         else:
-            assert np.allclose(p[:, 0], 24.0, atol=0.01) and np.allclose(q[:, 0], 63 - 20 + 4, atol=0.01)
+            assert np.allclose(p[:, 0], 20 + small, atol=0.01) and np.allclose(q[:, 0], 63 - 20 + small, atol=0.01)
+    # readings that disagree (a thumb on opposite sides) are not averaged: the direct one stays
+    large = 2.0 * FLIP_AGREE_FRAC * 40
+    p, _ = predict_batch(_CentroidPlusBias(large), [img, mirrored], "cpu", flip_average=True)
+    assert np.allclose(p[:, 0], 20 + large, atol=0.01)
 
 
 @pytest.mark.parametrize("shape", [(1000, 800), (333, 517)])

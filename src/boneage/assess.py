@@ -569,7 +569,7 @@ def assess_image_full(image: np.ndarray, male: bool, models: LoadedModels, cfg, 
             flags.append("polarity: kept as read (no hand found after inverting it)")
         t["segment"] = time.perf_counter() - t0
     arrays["mask"] = mask
-    mask_q, mask_flag = masks.mask_quality(mask)
+    mask_q, mask_flag = masks.mask_quality(mask, cfg.predict.mask_straight_tol_frac)
     area = float(mask.mean()) if mask.size else 0.0
     if mask_flag:
         flags.append(f"mask: {mask_flag}")

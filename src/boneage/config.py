@@ -297,6 +297,10 @@ class PredictConfig:
     """Single-radiograph assessment and the self-check."""
 
     min_quality: float = 0.5  # below this overall quality a radiograph is rejected
+    # the mask part counts a side as a straight edge when it is straight within this share of the long side (1.5 px
+    # at 256 px; stage 1 uses 3, masks.STRAIGHT_TOL_FRAC): at 3 the kinked finger and palm sides of hands filling
+    # the film counted, and right masks scored 0 (rsna-half 5916, 14175); knees and tray rims still count
+    mask_straight_tol_frac: float = 0.006
     min_hand_area_frac: float = 0.02  # a mask smaller than this share of the image: no hand, never forced
     agreement_scale_months: float = 24.0  # quality part exp(-(sd - ok) / this) for model/fold agreement
     agreement_ok_months: float = 12.0  # model/fold spread up to this: agreement part 1

@@ -504,10 +504,13 @@ def train_model(images: list[np.ndarray], points: list[np.ndarray], visible: lis
     return model
 
 
+FLIP_AGREE_FRAC = 0.1  # flip averaging: the two readings of a view agree within this share of the tip-capitate length
+
+
 def predict_batch(model, images: list[np.ndarray], device, flip_average: bool = False) -> np.ndarray:
     """(N, 3, 2) in input px for square inputs. `flip_average`: each image is also read mirrored, in the same
     pass, and the mirrored answer, moved back (x -> size - 1 - x, pixel centres at integers as cv2 warps them),
-    is averaged with the direct one (`KeypointConfig.flip_average`)."""
+    is averaged with the direct one where the two agree within `FLIP_AGREE_FRAC` (`KeypointConfig.flip_average`)."""
     torch = _torch()
     size = images[0].shape[0]
     with torch.inference_mode():
@@ -520,7 +523,12 @@ def predict_batch(model, images: list[np.ndarray], device, flip_average: bool = 
         return out
     direct, mirrored = out[:len(images)], out[len(images):].copy()
     mirrored[..., 0] = (size - 1) - mirrored[..., 0]
-    return 0.5 * (direct + mirrored)
+    # where the two readings disagree (the thumb put on opposite sides: a film turned 10 degrees, rsna-half 1621),
+    # their mean is neither; the direct reading is kept there
+    length = np.hypot(*(direct[:, 0] - direct[:, 2]).T)
+    gap = np.hypot(*(direct - mirrored).transpose(2, 0, 1)).max(1)
+    agree = (gap <= FLIP_AGREE_FRAC * np.maximum(length, 1e-6))[:, None, None]
+    return np.where(agree, 0.5 * (direct + mirrored), direct)
 
 
 MODEL_FILE = "model.pt"

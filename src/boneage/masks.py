@@ -21,11 +21,10 @@ import numpy as np
 FLAG_QUALITY = 0.5  # mask_quality flags masks below this
 TIE_AREA_RANK = 0.85  # rank (0 smallest .. 1 largest) of the chosen mask among near-best candidates
 OPEN_PX = 5  # opening kernel of the classical guess at 256 px: cuts thin bridges to collimation edges
-# a straight edge deviates from its chord by at most this share of the long side (1.5 px at 256 px). At 0.012
-# (3 px) the sides of spread fingers and of the palm counted too: right masks of hands filling the film scored 0
-# (rsna-half 5916, 14175: 2.2 and 1.6 long sides of "straight" outline; at 0.006, 0 and 0, and no real mask above
-# 0.81), while the straight sides of a knee or a collimation field stay (the knee negatives: 1.54 either way)
-STRAIGHT_TOL_FRAC = 0.006
+# a straight edge deviates from its chord by at most this share of the long side (3 px at 256 px). Stage 1 picks
+# candidate masks and the film's polarity with it: at 1.5 px a film rotated by 10 degrees lost its polarity (3 of 40
+# hold-out films in the stress test). The self-check scores the final hand mask at predict.mask_straight_tol_frac
+STRAIGHT_TOL_FRAC = 0.012
 
 
 # ----------------------------------------------------------------------------------------- polarity
@@ -146,8 +145,9 @@ def defect_depths(contour: np.ndarray) -> np.ndarray:
     return np.asarray(defects).reshape(-1, 4)[:, 3] / 256.0
 
 
-def shape_features(mask: np.ndarray) -> dict:
-    """Geometry of the largest component of a bool mask (computed at <= 256 px for speed)."""
+def shape_features(mask: np.ndarray, straight_tol_frac: float = STRAIGHT_TOL_FRAC) -> dict:
+    """Geometry of the largest component of a bool mask (computed at <= 256 px for speed); `straight_tol_frac`: how
+    straight a side must be to count as a straight edge (share of the long side)."""
     m = mask.astype(np.uint8)
     if max(m.shape) > 256:
         m = (_small(m * 255, 256) > 127).astype(np.uint8)
@@ -169,10 +169,10 @@ def shape_features(mask: np.ndarray) -> dict:
         depth = defect_depths(c)
         feats["defects"] = int((depth > 0.12 * np.sqrt(hull_area)).sum())
     # straight edges (collimation borders, rulers, tray rims): polygon sides longer than 0.35 of the long side,
-    # straight within STRAIGHT_TOL_FRAC of it and not lying on the image border, summed and divided by the long
+    # straight within straight_tol_frac of it and not lying on the image border, summed and divided by the long
     # side. A hand filling its film has finger and palm sides that long, straight within 3 px but not 1.5
     long_side = max(h, w)
-    poly = cv2.approxPolyDP(c, STRAIGHT_TOL_FRAC * long_side, True)[:, 0, :].astype(np.float32)
+    poly = cv2.approxPolyDP(c, straight_tol_frac * long_side, True)[:, 0, :].astype(np.float32)
     straight = 0.0
     for p0, p1 in zip(poly, np.roll(poly, -1, axis=0)):
         seg = float(np.hypot(*(p1 - p0)))
@@ -228,11 +228,11 @@ def quality_from_features(f: dict, flag_below: float = FLAG_QUALITY) -> tuple[fl
     return q, flag
 
 
-def mask_quality(mask: np.ndarray) -> tuple[float, str]:
+def mask_quality(mask: np.ndarray, straight_tol_frac: float = STRAIGHT_TOL_FRAC) -> tuple[float, str]:
     """Quality 0..1 of a hand mask and a flag ('' when fine, else a short reason for a person)."""
     if mask is None or mask.size == 0 or not mask.any():
         return 0.0, "empty"
-    return quality_from_features(shape_features(mask > 0))
+    return quality_from_features(shape_features(mask > 0, straight_tol_frac))
 
 
 # ----------------------------------------------------------------------------------------- post-processing
