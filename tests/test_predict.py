@@ -56,7 +56,12 @@ def fakes(monkeypatch):
     seg.predict_mask_and_raw = lambda model, image, c, dev: (image > 60, image > 60)
     masks = types.ModuleType("boneage.masks")
     masks.defect_depths = real_masks.defect_depths  # plain geometry, used by the self-check's shape part
-    masks.mask_quality = lambda m: (knobs.mask_quality, "" if knobs.mask_quality >= 0.5 else "low_quality")
+
+    def mask_quality(m, straight_tol_frac=None):
+        knobs.straight_tol_frac = straight_tol_frac  # the self-check's own tolerance (predict.mask_straight_tol_frac)
+        return knobs.mask_quality, "" if knobs.mask_quality >= 0.5 else "low_quality"
+
+    masks.mask_quality = mask_quality
     masks.clean_radiograph = lambda image, m, c: (np.where(m, image, 0).astype(np.uint8),
                                                   {"inverted": False, "kept_area_frac": float(m.mean()), "flag": "",
                                                    "mask": m})
@@ -132,6 +137,7 @@ def test_assess_blends_known_predictions(fakes, cfg):
     for key in ("mask_quality", "keypoint_confidence", "registration_method", "flags", "quality"):
         assert key in qc
     assert qc["registration_method"] == "keypoints" and qc["quality"] >= cfg.predict.min_quality
+    assert fakes.straight_tol_frac == cfg.predict.mask_straight_tol_frac  # stricter than stage 1's
     json.dumps(r)
 
 
