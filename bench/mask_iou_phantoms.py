@@ -53,7 +53,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from boneage.segmentation import load_unet, predict_probs, prob_to_masks, to_work
+    from boneage.segmentation import load_unet, prob_to_masks, to_work, work_probs
 
     torch.set_num_threads(1)
     cfg = load_config(args.config)
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.input}/ground_truth/masks: no true masks")
     images = [read_gray(args.input / "boneage-test-dataset" / p.name) for p in truth]
     works = [to_work(img, cfg.segment.work_size_px) for img in images]
-    probs = predict_probs(model, np.stack([w.image for w in works]), "cpu")
+    probs = work_probs(model, works, cfg.segment, "cpu")  # as stage 1 reads them (segment.flip_tta)
     print(f"{len(truth)} test phantoms, U-Net from {args.work}, working size {cfg.segment.work_size_px}\n")
     print("| variant | IoU median | mean | p10 | precision | recall |\n| --- | --- | --- | --- | --- | --- |")
     for text in args.variant or DEFAULT_VARIANTS:
