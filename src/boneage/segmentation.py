@@ -429,8 +429,11 @@ def work_probs(model: torch.nn.Module, works: list, cfg, device) -> np.ndarray:
     probs = predict_probs(model, np.stack([w.image for w in works]), device, bs, amp=cfg.amp)
     if not cfg.flip_tta:
         return probs
-    mirrored = predict_probs(model, np.stack(_flip_inner([w.image for w in works], works)), device, bs, amp=cfg.amp)
-    return 0.5 * (probs + np.stack(_flip_inner(mirrored, works)))
+    mirrored = np.stack(_flip_inner(predict_probs(model, np.stack(_flip_inner([w.image for w in works], works)),
+                                                  device, bs, amp=cfg.amp), works))
+    if cfg.flip_tta_fuse == "max":
+        return np.maximum(probs, mirrored)
+    return 0.5 * (probs + mirrored)
 
 
 def _flip_inner(arrays, works: list) -> list[np.ndarray]:
