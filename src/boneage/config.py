@@ -90,11 +90,11 @@ class SegmentConfig:
     # mirrored back): a flipped film then gets the same mask, flipped (flip stress: 1.06 months median without it,
     # 0.16 with; keypoints.flip_average). Twice the network's time
     flip_tta: bool = True
-    # how the two maps are joined, "mean" or "max" (both give a mirrored film its mirror). "max" keeps faint fingers
-    # one reading misses (rsna-half 7014), but on /tmp/realrun8 it moved rotated, cropped and downscaled films more
-    # (stress medians 2.78 / 1.87 / 1.69 months against 2.43 / 1.55 / 1.47) and the self-check's accepted MAE rose
-    # from 8.93 to 9.02 (99.1 % accepted against 99.0 %)
-    flip_tta_fuse: str = "mean"
+    # join the two maps by their maximum, not their mean (both give a mirrored film its mirror). The maximum keeps
+    # faint fingers one reading misses (rsna-half 7014), but on /tmp/realrun8 it moved rotated, cropped and downscaled
+    # films more (stress medians 2.78 / 1.87 / 1.69 months against 2.43 / 1.55 / 1.47) and the self-check's accepted
+    # MAE rose from 8.93 to 9.02 (99.1 % accepted against 99.0 %)
+    flip_tta_max: bool = False
     amp: bool = True  # inference on CUDA in bf16 autocast and channels-last (CPU: fp32, channels-last as before)
     # threads for the post-processing at each radiograph's own size (OpenCV and numpy release the GIL): on a GPU box
     # it, not the network, bounds stage 1 (bench/stage12_speed.py: 65 ms per image on an H100, about what the

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -424,16 +424,15 @@ def predict_mask(model: torch.nn.Module, image: np.ndarray, cfg, device) -> np.n
 
 def work_probs(model: torch.nn.Module, works: list, cfg, device) -> np.ndarray:
     """(N, S, S) probabilities of `to_work` images; with `cfg.flip_tta` the mean of the direct and the mirrored
-    reading (`_flip_inner`), so that a mirrored radiograph gets exactly the mirrored probabilities."""
+    reading (`_flip_inner`; their maximum with `cfg.flip_tta_max`), so that a mirrored radiograph gets exactly the
+    mirrored probabilities. Every U-Net reading at predict time goes through here (the retries too)."""
     bs = max(1, int(cfg.predict_batch_size))
     probs = predict_probs(model, np.stack([w.image for w in works]), device, bs, amp=cfg.amp)
     if not cfg.flip_tta:
         return probs
     mirrored = np.stack(_flip_inner(predict_probs(model, np.stack(_flip_inner([w.image for w in works], works)),
                                                   device, bs, amp=cfg.amp), works))
-    if cfg.flip_tta_fuse == "max":
-        return np.maximum(probs, mirrored)
-    return 0.5 * (probs + mirrored)
+    return np.maximum(probs, mirrored) if cfg.flip_tta_max else 0.5 * (probs + mirrored)
 
 
 def _flip_inner(arrays, works: list) -> list[np.ndarray]:
@@ -470,7 +469,6 @@ def predict_masks_with_raw(model: torch.nn.Module, images: list[np.ndarray], cfg
     if not images:
         return []
     s = int(cfg.work_size_px)
-    bs = max(1, int(cfg.predict_batch_size))
     workers = int(getattr(cfg, "post_workers", 1))
     works = [to_work(img, s) for img in images]
     probs = work_probs(model, works, cfg, device)
@@ -480,13 +478,13 @@ def predict_masks_with_raw(model: torch.nn.Module, images: list[np.ndarray], cfg
     quals = [mask_quality(m)[0] for _, m in pairs]
     redo = [k for k, img in enumerate(images) if quals[k] < retry_q or polarity_score(img) < 0.0]
     if redo:
-        flipped = []
+        inverted = []
         for k in redo:
             w = works[k].image.copy()
             nh, nw = works[k].inner
             w[:nh, :nw] = 255 - w[:nh, :nw]
-            flipped.append(w)
-        probs2 = predict_probs(model, np.stack(flipped), device, bs, amp=cfg.amp)
+            inverted.append(replace(works[k], image=w))
+        probs2 = work_probs(model, inverted, cfg, device)
         for k, p in zip(redo, probs2):
             pair2 = prob_to_masks(p, works[k].inner, works[k].size, cfg, images[k])
             q2 = mask_quality(pair2[1])[0]
@@ -513,7 +511,7 @@ def _upright_retry(model: torch.nn.Module, image: np.ndarray, pair: tuple[np.nda
     h, w = image.shape[:2]
     views = [rotate_expanded(image, a) for a in (tilt, tilt + np.pi)]
     works = [to_work(v, s) for v, _ in views]
-    probs = predict_probs(model, np.stack([wk.image for wk in works]), device, 2, amp=cfg.amp)
+    probs = work_probs(model, works, cfg, device)
     best, best_q = pair, quality
     for (v, M), wk, p in zip(views, works, probs):
         raw_r, mask_r = prob_to_masks(p, wk.inner, wk.size, cfg, v)
