@@ -133,3 +133,12 @@ def test_stage12_speed_runs_stage_1_and_2_on_a_half_precision_unet(tmp_path, cap
     import boneage.segmentation as seg
 
     assert seg.predict_probs.__name__ == "predict_probs"  # the bench's timing wrapper is taken off again
+
+
+@pytest.mark.parametrize("script", sorted((REPO_ROOT / "bench" / "scripts").glob("*.sh")), ids=lambda p: p.name)
+def test_gpu_session_scripts_parse(script):
+    """The scripts run on a lent GPU machine, where a syntax error costs device time: `bash -n` reads them whole."""
+    import subprocess
+
+    done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -298,3 +298,53 @@ def test_self_check_refuses_a_noisy_radiograph():
     assert ok_reasons == [] and ok_q == pytest.approx(1.0)
     q, reasons = quality_score({"noise_sigma": 10.0}, cfg)
     assert q < cfg.predict.min_quality and any(r.startswith("noise quality") for r in reasons)
+
+
+def test_interior_is_the_part_of_the_mask_that_deep_inside_it():
+    from boneage.masks import interior
+
+    m = np.zeros((100, 100), bool)
+    m[20:80, 30:70] = True  # 60 x 40
+    expected = np.zeros_like(m)
+    expected[25:75, 35:65] = True  # 5 px and more from the nearest pixel outside
+    assert (interior(m, 5) == expected).all()
+    assert (interior(m, 0) == m).all()  # no depth: the whole mask
+    assert (interior(m, 15) == m).all()  # almost nothing that deep (31 x 11 of 60 x 40 is under 20 %): the whole mask
+
+
+def test_clean_levels_do_not_depend_on_a_rim_of_background_in_the_mask():
+    """Two segmentations of one film drew its border a few pixels apart (issue 11: a film and its rotated copy, stretch
+    floors 1-4 grey levels apart); taken from the mask's interior, the hand's stretch percentiles no longer see that
+    rim of background."""
+    img, mask = hand_on_film()
+    wide = cv2.dilate(mask.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0  # 3 px of background around the hand
+    full = load_config(None, ["clean.stretch_erode_frac=0"]).clean
+    deep = load_config(None, ["clean.stretch_erode_frac=0.02"]).clean
+    lo_full = [clean_radiograph(img, m, full)[1]["hand_range"][0] for m in (mask, wide)]
+    lo_deep = [clean_radiograph(img, m, deep)[1]["hand_range"][0] for m in (mask, wide)]
+    assert abs(lo_full[0] - lo_full[1]) >= 5  # the rim moves the floor of the stretch ...
+    assert abs(lo_deep[0] - lo_deep[1]) <= 1  # ... not when it is taken from the interior
+
+
+def test_clahe_tiles_of_a_hand_size_do_not_change_with_the_canvas_around_the_hand():
+    """CLAHE over a fixed 8 x 8 grid equalises the hand over tiles that grow with the canvas (a rotated film's is
+    larger, a cropped film's smaller); square tiles of a share of the hand's size, padded to whole tiles from the top
+    left, give the same hand the same grey levels on a larger canvas."""
+    from boneage.masks import equalise
+
+    img, mask = hand_on_film()
+    pad = ((0, 300), (0, 200))
+    big, big_mask = np.pad(img, pad, constant_values=int(np.median(img[~mask]))), np.pad(mask, pad)
+    h, w = img.shape
+    diff = {}
+    for tile in (0.0, 128.0):
+        a = equalise(img, mask, 2.0, 8, tile)
+        b = equalise(big, big_mask, 2.0, 8, tile)[:h, :w]
+        assert (a[~mask] == 0).all() and (b[:h, :w][~mask] == 0).all()
+        diff[tile] = np.abs(a[mask].astype(float) - b[mask]).mean()
+    assert diff[0.0] > 2.5  # the 8 x 8 grid: 3.4 grey levels apart on average
+    assert diff[128.0] < 0.6  # hand-size tiles: only the tiles along the old right edge differ (0.4)
+    # the clean step takes the tile from clean.clahe_tile_frac x the hand scale
+    on = load_config(None, ["clean.clahe_tile_frac=0.125"]).clean
+    assert np.abs(clean_radiograph(img, mask, on)[0][mask].astype(float)
+                  - clean_radiograph(big, big_mask, on)[0][:h, :w][mask]).mean() < 0.6

@@ -327,3 +327,42 @@ def test_prob_to_masks_sheds_the_tray_unless_switched_off():
     off = prob_to_masks(prob, wi.inner, wi.size, load_config(None, ["segment.tray_fallback=false"]).segment, img)[1]
     assert iou(off, truth) < 0.7
     assert iou(on, truth) > 0.85
+
+
+def test_hand_scale_is_the_hands_length_not_the_canvas():
+    from boneage.masks import hand_length, hand_scale_px
+
+    hand = hand_mask()
+    padded = np.pad(hand, ((0, 300), (0, 200)))  # the same hand on a larger canvas (a rotated film's)
+    assert hand_scale_px(hand, 1.16) == pytest.approx(1.16 * hand_length(hand))
+    assert hand_scale_px(padded, 1.16) == pytest.approx(hand_scale_px(hand, 1.16), rel=0.01)
+    assert hand_scale_px(hand, 0.0) == 320 and hand_scale_px(padded, 0.0) == 620  # 0: the long side, as before
+    assert hand_scale_px(np.zeros((50, 40), bool), 1.16) == 50  # no hand: the long side
+
+
+@pytest.mark.parametrize("ratio, at_least", [(1.16, 0.985), (0.0, None)])
+def test_prob_to_masks_gives_a_hand_on_a_larger_canvas_the_same_mask(ratio, at_least):
+    """Stage 1's smoothing, dilation and edge band were shares of the image's long side: the same hand on a canvas
+    twice as long (a film rotated onto a larger one, or a wider field) got a mask dilated twice as far (issue 11's
+    rotation stress: IoU 0.90 between a film's mask and its rotated copy's). As shares of the hand's length it gets
+    the same mask."""
+    from boneage.config import load_config
+    from boneage.segmentation import prob_to_masks, to_work
+
+    hand = hand_mask()
+    img = radiograph(hand, letters=False, band=False)
+    big = np.pad(img, ((0, 320), (0, 200)), constant_values=30)
+    cfg = load_config(None, [f"segment.hand_scale_ratio={ratio}", "segment.dilate_frac=0.02",
+                             "segment.refine_edge_work_px=1.5"]).segment
+    masks = []
+    for film, truth in ((img, hand), (big, np.pad(hand, ((0, 320), (0, 200))))):
+        wi = to_work(film, 1024)  # fine enough for either film's network outline to be the true one
+        nh, nw = wi.inner
+        prob = np.zeros((1024, 1024), np.float32)
+        prob[:nh, :nw] = cv2.GaussianBlur(cv2.resize(truth.astype(np.float32), (nw, nh)), (0, 0), 2)
+        masks.append(prob_to_masks(prob, wi.inner, wi.size, cfg, film)[1][:320, :256])
+    same = iou(masks[0], masks[1])
+    if at_least is not None:
+        assert same >= at_least
+    else:  # the long side's shares: the larger canvas's mask is visibly wider
+        assert same < 0.96 and masks[1].sum() > masks[0].sum()

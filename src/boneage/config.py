@@ -64,6 +64,10 @@ class SegmentConfig:
     pseudo_label_min_confidence: float = 0.9  # self-training keeps predictions with mean |2p-1| above this
     smooth_sigma_frac: float = 0.004  # border smoothing of predicted masks, share of the long side
     dilate_frac: float = 0.01  # grow predicted masks by this share of the long side (fingertip soft tissue)
+    # the "long side" of the two shares above and of the edge band below is this x the hand's length
+    # (masks.hand_scale_px; 1.16 is the median ratio on rsna-half), so that a film rotated onto a larger canvas or
+    # cropped gets the same mask (issue 11); 0: the image's long side itself (the masks of models before 2026-11-27)
+    hand_scale_ratio: float = 1.16
     # predicted masks at the radiograph's size: clip bright collimation bands (masks.exposed_field), then move
     # the border onto the soft-tissue edge within this many working pixels (masks.refine_edges; 0: off)
     clip_bright_bands: bool = True
@@ -119,7 +123,15 @@ class CleanConfig:
 
     clahe_clip_limit: float = 2.0
     clahe_tile_grid: int = 8
+    # with > 0: square CLAHE tiles of this share of the hand scale (hand_scale_ratio x the hand's length) instead of
+    # the fixed grid, whose tiles grow with the canvas (0.125: the grid's tile on a film of median shape)
+    clahe_tile_frac: float = 0.0
     smooth_sigma_frac: float = 0.004  # border smoothing, fraction of the image's long side
+    # that long side: this x the hand's length; 0: the image's own (segment.hand_scale_ratio)
+    hand_scale_ratio: float = 1.16
+    # the hand's percentiles (hand_stretch) from the part of the mask at least this share of that length inside its
+    # border (masks.interior): a mask drawn a few pixels wider or narrower then gives the same grey levels; 0: all of it
+    stretch_erode_frac: float = 0.0
     min_area_frac: float = 0.03  # a hand smaller than this share of the image is implausible
     max_area_frac: float = 0.95  # a hand larger than this share of the image is implausible
     dilate_frac: float = 0.0  # grow the mask by this share of the long side before cutting the hand out

@@ -265,23 +265,39 @@ def smooth_mask(mask: np.ndarray, sigma_px: float) -> np.ndarray:
     return f > 0.5
 
 
-def postprocess_mask(mask: np.ndarray, smooth_sigma_frac: float = 0.004, dilate_frac: float = 0.0) -> np.ndarray:
-    """Keep the hand's component, fill its holes, smooth its border (sigma a share of the long side),
-    optionally grow it by `dilate_frac` of the long side."""
+def hand_scale_px(mask: np.ndarray, ratio: float) -> float:
+    """The length (px) that the post-processing's shares refer to: `ratio` x the hand's length along its axis
+    (`hand_length`) when `ratio` > 0 and the mask holds a hand, else the image's long side. The long side grows when
+    a radiograph is rotated onto a larger canvas and shrinks when it is cropped, the hand does not: border smoothing,
+    dilation and the edge band scaled by the hand give a rotated or cropped film the same mask (issue 11). On the
+    rsna-half masks the long side is 1.16 x the hand length (median; p10-p90 1.09-1.32)."""
+    m = np.asarray(mask)
+    if ratio > 0 and m.any():
+        length = hand_length(m)
+        if length > 0:
+            return float(ratio) * length
+    return float(max(m.shape))
+
+
+def postprocess_mask(mask: np.ndarray, smooth_sigma_frac: float = 0.004, dilate_frac: float = 0.0,
+                     scale_px: float | None = None) -> np.ndarray:
+    """Keep the hand's component, fill its holes, smooth its border (sigma a share of `scale_px`, by default the
+    long side), optionally grow it by `dilate_frac` of it."""
     m = mask.astype(bool)
     if not m.any():
         return m
-    long_side = max(m.shape)
+    scale = float(max(m.shape)) if scale_px is None else float(scale_px)
     m = select_hand_component(m)
     m = fill_holes(m)
-    m = smooth_mask(m, smooth_sigma_frac * long_side)
-    return grow_mask(m, dilate_frac)
+    m = smooth_mask(m, smooth_sigma_frac * scale)
+    return grow_mask(m, dilate_frac, scale)
 
 
-def grow_mask(mask: np.ndarray, dilate_frac: float) -> np.ndarray:
-    """Dilate by `dilate_frac` of the long side (nothing below one pixel), keeping the hand's component."""
+def grow_mask(mask: np.ndarray, dilate_frac: float, scale_px: float | None = None) -> np.ndarray:
+    """Dilate by `dilate_frac` of `scale_px` (default the long side; nothing below one pixel), keeping the hand's
+    component."""
     m = mask.astype(bool)
-    r = round(dilate_frac * max(m.shape))
+    r = round(dilate_frac * (max(m.shape) if scale_px is None else scale_px))
     if r >= 1:
         m = cv2.dilate(m.astype(np.uint8), _disk(r)) > 0
     if m.any():
@@ -369,7 +385,8 @@ def _otsu(values: np.ndarray, bins: int = 64) -> tuple[float, float]:
 
 
 def refine_edges(image: np.ndarray, mask: np.ndarray, band_px: int, min_separation: float = 0.5,
-                 smooth_sigma_frac: float = 0.002, carve_frac: float = 0.0) -> np.ndarray:
+                 smooth_sigma_frac: float = 0.002, carve_frac: float = 0.0,
+                 scale_px: float | None = None) -> np.ndarray:
     """Put a mask's border (upsampled from the U-Net's working resolution, so off by a working pixel or
     two) on the radiograph's own soft-tissue edge: within `band_px` of the border, pixels are reassigned by
     an Otsu threshold of the band's intensities, on the side of the hand's polarity (soft tissue brighter
@@ -377,7 +394,8 @@ def refine_edges(image: np.ndarray, mask: np.ndarray, band_px: int, min_separati
     clear levels (between-class variance share below `min_separation`: faint soft tissue, a cast) the
     mask is returned unchanged. With `carve_frac` > 0 the threshold also applies deeper than the band (the
     webs between the fingers, which a coarse network fills), when that removes at most `carve_frac` of the
-    band-refined mask (more would be soft tissue at the background's level, not a web)."""
+    band-refined mask (more would be soft tissue at the background's level, not a web). The border is smoothed
+    with a sigma of `smooth_sigma_frac` x `scale_px` (default the long side; `hand_scale_px`)."""
     m = mask.astype(bool)
     if band_px < 1 or not m.any():
         return m
@@ -400,7 +418,7 @@ def refine_edges(image: np.ndarray, mask: np.ndarray, band_px: int, min_separati
         carved = fill_holes(select_hand_component(outer & (v > t)))
         if carved.sum() >= (1.0 - carve_frac) * refined.sum():
             refined = carved
-    return smooth_mask(refined, smooth_sigma_frac * max(m.shape))
+    return smooth_mask(refined, smooth_sigma_frac * (max(m.shape) if scale_px is None else scale_px))
 
 
 def exposed_field(image: np.ndarray, min_cover: float = 0.85, max_tilt: float = 0.08,
@@ -683,6 +701,18 @@ def shed_tray(image: np.ndarray, mask: np.ndarray, max_quality: float = 0.9, min
 
 
 # ----------------------------------------------------------------------------------------- stage 2
+def interior(mask: np.ndarray, depth_px: float, min_share: float = 0.2) -> np.ndarray:
+    """The part of a bool mask at least `depth_px` from its border: a statistic over it does not depend on where the
+    border runs within that depth (a mask one segmentation draws a few pixels wider takes in a rim of background,
+    which moves low percentiles). The whole mask when `depth_px` < 1 or less than `min_share` of it is that deep."""
+    m = np.asarray(mask).astype(bool)
+    if depth_px < 1 or not m.any():
+        return m
+    dist = cv2.distanceTransform(np.pad(m, 1).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
+    deep = dist >= depth_px
+    return deep if deep.sum() >= min_share * m.sum() else m
+
+
 def stretch_inside(image: np.ndarray, mask: np.ndarray | None, percentiles) -> tuple[np.ndarray, list[float]]:
     """(image with its grey levels stretched linearly so that the given low/high percentiles of the pixels inside
     `mask` (the whole image without one) span 0..255, [lo, hi] used). Referenced to the hand alone, so that what
@@ -700,16 +730,27 @@ def stretch_inside(image: np.ndarray, mask: np.ndarray | None, percentiles) -> t
     return lut[image], [round(lo, 1), round(hi, 1)]
 
 
-def equalise(image: np.ndarray, mask: np.ndarray | None, clip_limit: float = 2.0, tile_grid: int = 8) -> np.ndarray:
+def equalise(image: np.ndarray, mask: np.ndarray | None, clip_limit: float = 2.0, tile_grid: int = 8,
+             tile_px: float = 0.0) -> np.ndarray:
     """CLAHE inside the hand: the background is set to the hand's median first so it does not
-    take part in the tiles' histograms, then set to 0 again."""
-    clahe = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(int(tile_grid), int(tile_grid)))
-    if mask is None or not mask.any():
-        return clahe.apply(image)
-    fill = np.uint8(np.median(image[mask]))
-    tmp = np.where(mask, image, fill).astype(np.uint8)
-    out = clahe.apply(tmp)
-    out[~mask] = 0
+    take part in the tiles' histograms, then set to 0 again. Tiles: a `tile_grid` x `tile_grid` grid over the image,
+    or with `tile_px` > 0 square tiles of that size from the top left corner (the image padded with the fill to whole
+    tiles, then cropped back), so that the hand is equalised over the same neighbourhoods whatever the canvas around
+    it (a cropped film's is smaller, a rotated film's larger)."""
+    h, w = image.shape[:2]
+    has_mask = mask is not None and mask.any()
+    fill = np.uint8(np.median(image[mask])) if has_mask else np.uint8(np.median(image))
+    tmp = np.where(mask, image, fill).astype(np.uint8) if has_mask else image
+    grid = (int(tile_grid), int(tile_grid))
+    if tile_px >= 8:
+        t = int(round(tile_px))
+        ny, nx = -(-h // t), -(-w // t)
+        tmp = cv2.copyMakeBorder(tmp, 0, ny * t - h, 0, nx * t - w, cv2.BORDER_CONSTANT, value=int(fill))
+        grid = (nx, ny)
+    out = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=grid).apply(tmp)[:h, :w]
+    if has_mask:
+        out = out.copy()
+        out[~mask] = 0
     return out
 
 
@@ -795,10 +836,12 @@ def clean_radiograph(image: np.ndarray, mask: np.ndarray, cfg) -> tuple[np.ndarr
     usable = m is not None and m.any() and mask_quality(m)[0] >= 0.5
     inverted = detect_inverted(image, m if usable else None)
     img = 255 - image if inverted else image
+    scale = 0.0
     if m is None or not m.any():
         flag = "empty_mask"
     else:
-        m = postprocess_mask(m, cfg.smooth_sigma_frac, getattr(cfg, "dilate_frac", 0.0))
+        scale = hand_scale_px(m, float(getattr(cfg, "hand_scale_ratio", 0.0)))
+        m = postprocess_mask(m, cfg.smooth_sigma_frac, getattr(cfg, "dilate_frac", 0.0), scale)
         frac = float(m.mean())
         if frac < cfg.min_area_frac:
             flag = f"mask_too_small:{frac:.3f}"
@@ -811,8 +854,10 @@ def clean_radiograph(image: np.ndarray, mask: np.ndarray, cfg) -> tuple[np.ndarr
     img, sigma = denoise(img, None if flag else m, getattr(cfg, "denoise_above_sigma", 0.0),
                          getattr(cfg, "denoise_strength", 1.0))
     final = np.ones(img.shape, bool) if flag else m
-    img, hand_range = stretch_inside(img, None if flag else m, getattr(cfg, "hand_stretch", None))
-    out = equalise(img, None if flag else m, cfg.clahe_clip_limit, cfg.clahe_tile_grid)
+    inside = None if flag else interior(m, float(getattr(cfg, "stretch_erode_frac", 0.0)) * scale)
+    img, hand_range = stretch_inside(img, inside, getattr(cfg, "hand_stretch", None))
+    tile_px = float(getattr(cfg, "clahe_tile_frac", 0.0)) * scale if not flag else 0.0
+    out = equalise(img, None if flag else m, cfg.clahe_clip_limit, cfg.clahe_tile_grid, tile_px)
     info = {"inverted": bool(inverted), "kept_area_frac": float(final.mean()), "flag": flag, "mask": final,
             "hand_range": hand_range,
             "noise_sigma": round(sigma, 2), "denoised": bool(sigma > getattr(cfg, "denoise_above_sigma", 0.0) > 0)}

@@ -39,6 +39,7 @@ from boneage.masks import (
     classical_mask,
     exposed_field,
     extend_fingertips,
+    hand_scale_px,
     invert_affine,
     mask_quality,
     polarity_score,
@@ -135,11 +136,14 @@ def prob_to_masks(prob: np.ndarray, inner: tuple[int, int], size: tuple[int, int
     crop = np.ascontiguousarray(prob[:nh, :nw].astype(np.float32))
     raw = cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR) > 0.5
     field = exposed_field(image) if image is not None and cfg.clip_bright_bands else True
-    hand = postprocess_mask(raw & field, cfg.smooth_sigma_frac, cfg.dilate_frac)
-    band = round(float(cfg.refine_edge_work_px) * max(h, w) / max(nh, nw))
+    # shares of the hand's length, not of the long side (`masks.hand_scale_px`): a rotated or cropped film's
+    # canvas changes size, its hand does not
+    scale = hand_scale_px(select_hand_component(raw & field), float(cfg.hand_scale_ratio)) if raw.any() else max(h, w)
+    hand = postprocess_mask(raw & field, cfg.smooth_sigma_frac, cfg.dilate_frac, scale)
+    band = round(float(cfg.refine_edge_work_px) * scale / max(nh, nw))
     if image is not None and band >= 1:  # after the dilation: a mask a little too wide is pulled back to the edge
         carve = float(cfg.refine_carve_frac)
-        hand = select_hand_component(refine_edges(image, hand, band, carve_frac=carve) & field)
+        hand = select_hand_component(refine_edges(image, hand, band, carve_frac=carve, scale_px=scale) & field)
     if image is not None and cfg.tray_fallback:  # a tray or field box taken in around a small hand
         cut = shed_tray(image, hand, float(cfg.tray_max_quality), float(cfg.tray_min_gain))
         hand = hand if cut is None else cut
