@@ -138,8 +138,9 @@ def prob_to_masks(prob: np.ndarray, inner: tuple[int, int], size: tuple[int, int
     field = exposed_field(image) if image is not None and cfg.clip_bright_bands else True
     # shares of the hand's length, not of the long side (`masks.hand_scale_px`): a rotated or cropped film's
     # canvas changes size, its hand does not
-    scale = hand_scale_px(select_hand_component(raw & field), float(cfg.hand_scale_ratio)) if raw.any() else max(h, w)
-    hand = postprocess_mask(raw & field, cfg.smooth_sigma_frac, cfg.dilate_frac, scale)
+    hand = select_hand_component(raw & field)
+    scale = hand_scale_px(hand, float(cfg.hand_scale_ratio))
+    hand = postprocess_mask(hand, cfg.smooth_sigma_frac, cfg.dilate_frac, scale)
     band = round(float(cfg.refine_edge_work_px) * scale / max(nh, nw))
     if image is not None and band >= 1:  # after the dilation: a mask a little too wide is pulled back to the edge
         carve = float(cfg.refine_carve_frac)
