@@ -77,8 +77,8 @@ class SegmentConfig:
     refine_carve_frac: float = 0.1
     # then, around each fingertip of the mask (masks.extend_fingertips), grow it into faint soft tissue brighter than
     # the local background by k x its SD (at most this share of the hand length; 0: off), and optionally dilate a
-    # cap over each tip by fingertip_margin_frac of the long side (keypoints sit at the soft tissue's very tip; 0.01
-    # gains 0.3-0.9 pp of points inside on rsna-half but costs 0.01 median phantom IoU, so it is off)
+    # cap over each tip by fingertip_margin_frac of the hand scale above (keypoints sit at the soft tissue's very tip;
+    # 0.01 gains 0.3-0.9 pp of points inside on rsna-half but costs 0.01 median phantom IoU, so it is off)
     fingertip_grow_frac: float = 0.03
     fingertip_k_noise: float = 3.0
     fingertip_margin_frac: float = 0.0

@@ -747,9 +747,8 @@ def equalise(image: np.ndarray, mask: np.ndarray | None, clip_limit: float = 2.0
         ny, nx = -(-h // t), -(-w // t)
         tmp = cv2.copyMakeBorder(tmp, 0, ny * t - h, 0, nx * t - w, cv2.BORDER_CONSTANT, value=int(fill))
         grid = (nx, ny)
-    out = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=grid).apply(tmp)[:h, :w]
+    out = np.ascontiguousarray(cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=grid).apply(tmp)[:h, :w])
     if has_mask:
-        out = out.copy()
         out[~mask] = 0
     return out
 

@@ -149,7 +149,7 @@ def prob_to_masks(prob: np.ndarray, inner: tuple[int, int], size: tuple[int, int
         cut = shed_tray(image, hand, float(cfg.tray_max_quality), float(cfg.tray_min_gain))
         hand = hand if cut is None else cut
     grow = float(cfg.fingertip_grow_frac)
-    margin = float(cfg.fingertip_margin_frac) * max(h, w)
+    margin = float(cfg.fingertip_margin_frac) * scale
     if image is not None and (grow > 0 or margin >= 0.5):  # faint fingertip soft tissue the network left out
         hand = extend_fingertips(image, hand, grow, float(cfg.fingertip_k_noise), margin_px=margin)
         if not isinstance(field, bool):
