@@ -67,7 +67,8 @@ def main(cfg, args):
         clean, info = clean_radiograph(img, mask, cfg.clean)
         atomic_write_png(out, clean)
         noisy = f"denoised:sigma{info['noise_sigma']:.1f}" if info.get("denoised") else ""
-        flag = "+".join(f for f in (flag_extra, info["flag"], noisy) if f)
+        blocky = f"deblocked:step{info['block_artefacts']:.1f}" if info.get("deblocked") else ""
+        flag = "+".join(f for f in (flag_extra, info["flag"], noisy, blocky) if f)
         return {"id": sid, "inverted": bool(info["inverted"]), "kept_area_frac": round(info["kept_area_frac"], 4),
                 "flag": flag}
 

@@ -142,3 +142,29 @@ def test_gpu_session_scripts_parse(script):
 
     done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_compression_bench_tables_shift_by_block_edges(tmp_path):
+    comp = _load("compression")
+    rows = []
+    for k in range(10):
+        rows.append({"id": str(k), "quality_jpeg": 0, "pred": 100.0 + k, "status": "ok", "block_artefacts": 1.0})
+        # light compression: 1 month off, accepted; heavy: 20 months off, refused for half of them
+        rows.append({"id": str(k), "quality_jpeg": 90, "pred": 101.0 + k, "status": "ok", "block_artefacts": 2.0})
+        rows.append({"id": str(k), "quality_jpeg": 30, "pred": 80.0 + k, "status": "ok" if k < 5 else "rejected",
+                     "block_artefacts": 20.0})
+    rows = pd.DataFrame(rows)
+    v = comp.shifts(rows)
+    assert set(v["quality_jpeg"]) == {30, 90}
+    assert v.loc[v["quality_jpeg"] == 90, "shift"].tolist() == pytest.approx([1.0] * 10)
+    assert (v.loc[v["quality_jpeg"] == 30, "band"].astype(str) == ">= 16").all()
+    lines = comp.table(v, "band")
+    cells = {r.split("|")[1].strip(): r.split("|")[2:-1] for r in lines[2:]}
+    assert set(cells) == {"0-4", ">= 16"}
+    assert [c.strip() for c in cells["0-4"]] == ["10", "1.00", "1.00", "0%", "0%", "1.00"]
+    assert [c.strip() for c in cells[">= 16"]] == ["10", "20.00", "20.00", "100%", "50%", "20.00"]
+    args = type("A", (), {"models": "m", "config": "c", "overrides": [], "skip": 40})()
+    md = comp.to_markdown(v, rows, args)
+    assert "10 rsna-half hold-out radiographs" in md and "max 1.00 grey levels" in md
+    comp.plot(v, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000

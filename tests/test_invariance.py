@@ -348,3 +348,69 @@ def test_clahe_tiles_of_a_hand_size_do_not_change_with_the_canvas_around_the_han
     on = load_config(None, ["clean.clahe_tile_frac=0.125"]).clean
     assert np.abs(clean_radiograph(img, mask, on)[0][mask].astype(float)
                   - clean_radiograph(big, big_mask, on)[0][:h, :w][mask]).mean() < 0.6
+
+
+# ------------------------------------------------------------------------------- JPEG block edges
+
+
+def jpeg(img, quality):
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    assert ok
+    return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
+
+
+def low_contrast_hand():
+    """A phantom hand squeezed into 18 grey levels of a flat film, as many rsna-half films are (their hands span
+    15-30 levels), with the film's own grain."""
+    img, mask = hand_on_film()
+    f = img.astype(np.float32)
+    lo, hi = np.percentile(f[mask], [1, 99.5])
+    low = 50 + 18 * np.clip((f - lo) / (hi - lo), 0, 1.2)
+    return add_noise(low.astype(np.uint8), 0.8, seed=3), mask
+
+
+def test_block_artefacts_see_jpeg_blocks_at_any_grid_phase_and_not_noise():
+    from boneage.masks import block_artefacts
+
+    img = add_noise(smooth_image(), 2.0)
+    assert block_artefacts(img) < 0.1  # grain has no grid
+    light, heavy = block_artefacts(jpeg(img, 95)), block_artefacts(jpeg(img, 20))
+    assert light < 0.5 and heavy > 4 * light
+    shifted = jpeg(img[3:, 5:], 20)  # the grid starts 3 and 5 px further on the film as read
+    assert block_artefacts(shifted) == pytest.approx(heavy, rel=0.3)
+    # inside a mask only: the blocky part outside it does not count
+    half = img.copy()
+    half[:, :160] = jpeg(img, 20)[:, :160]
+    mask = np.zeros(img.shape, bool)
+    mask[:, 168:] = True
+    assert block_artefacts(half, mask) < 0.1 < 1.0 < block_artefacts(half, ~mask)
+
+
+def test_clean_radiograph_reports_block_edges_multiplied_by_the_hand_stretch():
+    cfg = load_config(None).clean
+    img, mask = low_contrast_hand()
+    _, orig = clean_radiograph(img, mask, cfg)
+    _, comp = clean_radiograph(jpeg(img, 30), mask, cfg)
+    assert orig["block_artefacts"] < 4.0 and not orig["deblocked"]
+    assert comp["block_artefacts"] > 8.0 and not comp["deblocked"]  # deblocking off by default
+    # the same compression on a film that uses its full range leaves steps the hand's stretch does not multiply
+    full, m = hand_on_film(scale=2.0, offset=-200)  # the hand spans 36..224
+    _, wide = clean_radiograph(jpeg(full, 30), m, cfg)
+    assert wide["block_artefacts"] < 0.6 * comp["block_artefacts"]
+    # with deblocking switched on, only the compressed one is blurred
+    cfg.deblock_above = 8.0
+    out_o, orig_d = clean_radiograph(img, mask, cfg)
+    assert not orig_d["deblocked"] and (out_o == clean_radiograph(img, mask, load_config(None).clean)[0]).all()
+    _, comp_d = clean_radiograph(jpeg(img, 30), mask, cfg)
+    assert comp_d["deblocked"]
+
+
+def test_self_check_refuses_heavy_compression_with_a_reason():
+    from boneage.assess import quality_score
+
+    cfg = load_config(None)
+    ok_q, ok_reasons = quality_score({"block_artefacts": 6.0}, cfg)  # rsna-half originals: 7.9 at most
+    assert ok_reasons == [] and ok_q == pytest.approx(1.0)
+    q, reasons = quality_score({"block_artefacts": 20.0}, cfg)  # quality 30 on a 15-level hand: 17-23
+    assert q < cfg.predict.min_quality
+    assert any(r.startswith("compression quality") and "JPEG" in r for r in reasons)

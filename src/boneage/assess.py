@@ -206,6 +206,10 @@ def _r(v, nd: int = 2):
 
 
 CORE_PARTS = ("mask", "keypoints", "registration", "agreement")  # geometric mean; other parts multiply it
+# what a weak part means, in a rejection's reason
+PART_HINTS = {"compression": " (heavy JPEG compression: its block edges, multiplied by the hand's contrast stretch, "
+                             "hide the bones' detail; send the original or a lossless copy)",
+              "noise": " (pixel noise inside the hand)"}
 
 
 def keypoints_found_hand(kp_conf, cfg) -> bool:
@@ -394,7 +398,8 @@ def thumb_depth(points, mask) -> float | None:
 
 def extra_parts(qc: dict, parts: dict, cfg) -> dict:
     """`parts` plus `regions` (spread between the regions' estimates), `thumb` (the thumb tip's depth inside the
-    outline, `thumb_depth`), `noise` (pixel noise inside the hand) and
+    outline, `thumb_depth`), `noise` (pixel noise inside the hand), `compression` (JPEG block edges in the clean
+    hand) and
     `cls_spread` (the cls heads' width, relative to the models' typical validation width when known, else in
     months), where the qc has them."""
     p = cfg.predict
@@ -406,6 +411,8 @@ def extra_parts(qc: dict, parts: dict, cfg) -> dict:
         parts["thumb"] = _decay(qc["thumb_depth_frac"], p.thumb_depth_ok_frac, p.thumb_depth_scale_frac)
     if qc.get("noise_sigma") is not None and "noise" not in parts:
         parts["noise"] = _decay(qc["noise_sigma"], p.noise_ok_sigma, p.noise_scale_sigma)
+    if qc.get("block_artefacts") is not None and "compression" not in parts:
+        parts["compression"] = _decay(qc["block_artefacts"], p.block_ok_levels, p.block_scale_levels)
     if "cls_spread" not in parts:
         if qc.get("cls_width_ratio") is not None:
             parts["cls_spread"] = _decay(qc["cls_width_ratio"], p.cls_width_ok_ratio, p.cls_width_ratio_scale)
@@ -469,7 +476,8 @@ def quality_score(qc: dict, cfg) -> tuple[float, list[str]]:
         score = 0.0
     low = [k for k, v in parts.items() if v < p.min_part_quality]
     if parts and (score < p.min_quality or low):
-        weak = [f"{k} quality {v:.2f} below {p.min_quality}" for k, v in parts.items() if v < p.min_quality]
+        weak = [f"{k} quality {v:.2f} below {p.min_quality}{PART_HINTS.get(k, '')}" for k, v in parts.items()
+                if v < p.min_quality]
         if not reasons:
             reasons += weak or [f"overall quality {score:.2f} below {p.min_quality} (weakest: "
                                 f"{min(parts, key=parts.get)} {min(parts.values()):.2f})"]
@@ -585,6 +593,8 @@ def assess_image_full(image: np.ndarray, male: bool, models: LoadedModels, cfg, 
         flags.append(f"clean: {info['flag']}")
     if info.get("denoised"):
         flags.append(f"clean: denoised (pixel noise sigma {info['noise_sigma']:.1f} grey levels)")
+    if info.get("deblocked"):
+        flags.append(f"clean: deblocked (JPEG block edges of {info['block_artefacts']:.1f} grey levels)")
     t["clean"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     kp_mask = mask if info.get("flag") else info.get("mask", mask)
@@ -639,6 +649,7 @@ def assess_image_full(image: np.ndarray, male: bool, models: LoadedModels, cfg, 
     cls_ratio = float(np.mean(ratios)) if ratios else None
     qc_in = {**img_qc, **shape_qc, "mask_area_frac": area, "quality_parts": parts, "keypoint_confidence": kp_conf,
              "noise_sigma": float(info.get("noise_sigma", 0.0)),
+             "block_artefacts": float(info.get("block_artefacts", 0.0)),
              **({"thumb_depth_frac": depth} if (depth := thumb_depth(points, kp_mask)) is not None else {}),
              **({"region_spread_months": region_spread} if region_spread is not None else {}),
              "region_spread_ref": ((models.blend or {}).get("sexes", {}).get(sex, {})
@@ -670,6 +681,7 @@ def assess_image_full(image: np.ndarray, male: bool, models: LoadedModels, cfg, 
             "cls_width_ratio": _r(cls_ratio, 3),
             "mask_quality": round(float(mask_q), 3), "mask_area_frac": round(area, 4),
             "noise_sigma": round(float(info.get("noise_sigma", 0.0)), 2),
+            "block_artefacts": round(float(info.get("block_artefacts", 0.0)), 2),
             "thumb_depth_frac": _r(qc_in.get("thumb_depth_frac"), 3),
             "inverted": bool(info.get("inverted", False)) != bool(norm.get("input_inverted", False)),
             "input_range": norm.get("input_range"),

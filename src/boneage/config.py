@@ -141,6 +141,10 @@ class CleanConfig:
     # stretch; sigma-10 noise gives 10-30
     denoise_above_sigma: float = 7.0
     denoise_strength: float = 1.0  # its h = strength x the estimated sigma
+    # JPEG block edges in the stretched hand (masks.block_artefacts, clean grey levels) above which the hand is blurred
+    # with this sigma before CLAHE; 0: never (the self-check's compression part judges them: predict.block_ok_levels)
+    deblock_above: float = 0.0
+    deblock_sigma_px: float = 1.5
     # before CLAHE, grey levels stretched so that these percentiles of the hand's own pixels span 0..255
     # (masks.stretch_inside): what lies outside the hand (letters, rulers, the film's range) no longer changes the
     # hand's contrast (stress test, issue 11); [] for none (models trained before 2026-11-27 had none)
@@ -368,6 +372,10 @@ class PredictConfig:
     thumb_depth_scale_frac: float = 0.04
     noise_ok_sigma: float = 7.0
     noise_scale_sigma: float = 3.0
+    # compression part: JPEG block edges in the clean hand (masks.block_artefacts after the hand's stretch, grey
+    # levels): part 1 up to this, then exp(-(step - ok) / scale)
+    block_ok_levels: float = 8.0
+    block_scale_levels: float = 4.0
 
 
 @dataclass
