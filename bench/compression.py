@@ -1,14 +1,15 @@
 """How far does JPEG compression move the bone age, against the block edges the self-check sees? Calibrates
-`predict.block_ok_levels` / `block_scale_levels` (the self-check's compression part) on hold-out radiographs that
-the stress test does not use.
+`predict.block_ok_levels` / `block_scale_levels` (the self-check's compression part) on radiographs that the
+stress test does not use.
 
     .venv/bin/python bench/compression.py --models WORK_DIR [--config configs/cpu.yaml] [--set key=value ...]
-        [--skip 40] [--n 80] [--qualities 30,50,70,90] [--out bench/output/compression]
+        [--split holdout|train] [--skip 40] [--n 80] [--qualities 30,50,70,90] [--out bench/output/compression]
 
 - radiographs: the rsna-half hold-out in `bench/stress.py`'s order, from the `--skip`-th (the stress test reads the
-  first 40), `--n` of them; each compressed at every quality of `--qualities` (OpenCV's JPEG at the film's own
-  resolution) and run through the whole chain (`boneage.assess.assess_image`, force=True, so every variant has a
-  number).
+  first 40), `--n` of them, or with `--split train` the training part's (the models have seen them; but the
+  low-contrast films whose compression the stretch multiplies are nearly all there or in the stress test's 40);
+  each compressed at every quality of `--qualities` (OpenCV's JPEG at the film's own resolution) and run through
+  the whole chain (`boneage.assess.assess_image`, force=True, so every variant has a number).
 - per variant: |pred(variant) - pred(original)| in months and `qc.block_artefacts` (JPEG block edges in the clean
   hand, grey levels) with the self-check's verdict.
 
@@ -39,6 +40,19 @@ log = logging.getLogger("compression")
 BANDS = [0, 4, 8, 12, 16, 1e9]
 
 
+def pick_films(data: Path, split: str, skip: int, n: int) -> pd.DataFrame:
+    """`n` radiographs from the `skip`-th: of the hold-out in the stress test's order, or of the training part
+    (rsna-100px's `holdout=False`) in that file's order."""
+    if split == "holdout":
+        return pick_ids(data, skip + n).iloc[skip:]
+    lab = pd.read_csv(data / "labels.csv", dtype={"id": str}).set_index("id")
+    split_ids = pd.read_csv(SHARED / "rsna-100px" / "labels.csv", dtype={"id": str})
+    ids = [i for i in split_ids.loc[split_ids["holdout"].astype(str).str.lower() != "true", "id"] if i in lab.index]
+    df = lab.loc[ids[skip:skip + n]].reset_index()
+    df["male"] = df["male"].astype(str).str.lower() == "true"
+    return df
+
+
 def run(args) -> pd.DataFrame:
     import torch
 
@@ -47,7 +61,7 @@ def run(args) -> pd.DataFrame:
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.overrides)
     models = load_models(Path(args.models), cfg, "cpu")
-    df = pick_ids(Path(args.data), args.skip + args.n).iloc[args.skip:]
+    df = pick_films(Path(args.data), args.split, args.skip, args.n)
     qualities = [int(q) for q in args.qualities.split(",")]
     rows, t0 = [], time.perf_counter()
     for k, r in enumerate(df.itertuples(index=False)):
@@ -88,7 +102,8 @@ def to_markdown(v: pd.DataFrame, rows: pd.DataFrame, args) -> str:
     return "\n".join([
         "# JPEG compression: bone age shift against the block edges in the clean hand", "",
         f"Models: `{args.models}` (config `{args.config}`{', ' + ' '.join(args.overrides) if args.overrides else ''}). "
-        f"{orig['id'].nunique()} rsna-half hold-out radiographs from the {args.skip}-th; originals: block edges "
+        f"{orig['id'].nunique()} rsna-half {getattr(args, 'split', 'holdout')} radiographs from the {args.skip}-th; "
+        "originals: block edges "
         f"median {orig['block_artefacts'].median():.2f}, max {orig['block_artefacts'].max():.2f} grey levels, "
         f"{(orig['status'] == 'ok').mean():.0%} accepted.", "",
         "By block edges (grey levels of the clean hand):", "", *table(v, "band"), "",
@@ -121,6 +136,9 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=str(REPO / "configs" / "cpu.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--data", default=str(SHARED / "rsna-half"))
+    ap.add_argument("--split", choices=["holdout", "train"], default="holdout",
+                    help="train: the models' own training radiographs (rsna-half's low-contrast films, ids 2000-4999, "
+                    "are nearly all among the stress test's first 40 of the hold-out or in training)")
     ap.add_argument("--skip", type=int, default=40)
     ap.add_argument("--n", type=int, default=80)
     ap.add_argument("--qualities", default="30,50,70,90")

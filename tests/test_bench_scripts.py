@@ -165,6 +165,6 @@ def test_compression_bench_tables_shift_by_block_edges(tmp_path):
     assert [c.strip() for c in cells[">= 16"]] == ["10", "20.00", "20.00", "100%", "50%", "20.00"]
     args = type("A", (), {"models": "m", "config": "c", "overrides": [], "skip": 40})()
     md = comp.to_markdown(v, rows, args)
-    assert "10 rsna-half hold-out radiographs" in md and "max 1.00 grey levels" in md
+    assert "10 rsna-half holdout radiographs" in md and "max 1.00 grey levels" in md
     comp.plot(v, tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000
