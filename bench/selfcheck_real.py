@@ -86,7 +86,8 @@ def main(argv=None) -> int:
                      "finger_gaps": qc.get("finger_gaps"), "second_object_ratio": qc.get("second_object_ratio"),
                      "hand_aspect": qc.get("hand_aspect"), "hand_span": qc.get("hand_span"),
                      "hand_solidity": qc.get("hand_solidity"), "mask_area_frac": qc.get("mask_area_frac"),
-                     "dynamic_range": qc.get("dynamic_range"), "registration_method": qc.get("registration_method"),
+                     "dynamic_range": qc.get("dynamic_range"), "block_artefacts": qc.get("block_artefacts"),
+                     "registration_method": qc.get("registration_method"),
                      "reasons": "; ".join(res.get("rejection_reasons", []))})
         if (k + 1) % 50 == 0:
             log.info("%d/%d radiographs, %.0f s", k + 1, len(lab), time.perf_counter() - t0)

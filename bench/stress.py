@@ -234,7 +234,8 @@ def run(args) -> pd.DataFrame:
             qc = res.get("qc", {})
             rows.append({"id": r.id, "male": bool(r.male), "boneage": float(r.boneage), "transform": name,
                          "family": fam, "pred": res.get("bone_age_months"), "status": res["status"],
-                         "quality": qc.get("quality"), "registration_method": qc.get("registration_method"),
+                         "quality": qc.get("quality"), "block_artefacts": qc.get("block_artefacts"),
+                         "registration_method": qc.get("registration_method"),
                          "mirrored": qc.get("mirrored"), "inverted": qc.get("inverted"),
                          "raw_pred": raw.predict(v, bool(r.male)) if raw is not None else np.nan,
                          "reasons": "; ".join(res.get("rejection_reasons", []))})
