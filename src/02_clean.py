@@ -67,7 +67,9 @@ def main(cfg, args):
         clean, info = clean_radiograph(img, mask, cfg.clean)
         atomic_write_png(out, clean)
         noisy = f"denoised:sigma{info['noise_sigma']:.1f}" if info.get("denoised") else ""
-        blocky = f"deblocked:step{info['block_artefacts']:.1f}" if info.get("deblocked") else ""
+        # heavy JPEG compression, as the self-check judges it (predict.block_ok_levels): stage 7 lists the case
+        blocky = (f"jpeg_blocks:step{info['block_artefacts']:.1f}{'(deblocked)' if info.get('deblocked') else ''}"
+                  if info.get("deblocked") or info.get("block_artefacts", 0.0) > cfg.predict.block_ok_levels else "")
         flag = "+".join(f for f in (flag_extra, info["flag"], noisy, blocky) if f)
         return {"id": sid, "inverted": bool(info["inverted"]), "kept_area_frac": round(info["kept_area_frac"], 4),
                 "flag": flag}

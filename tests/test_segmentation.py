@@ -252,6 +252,15 @@ def test_stages_01_02_end_to_end(tmp_path):
     run("02_clean.py", "--force", "--set", "clean.workers=3")
     assert {p.name: p.read_bytes() for p in (work / "clean").glob("*.png")} == first
     pd.testing.assert_frame_equal(pd.read_csv(work / "clean.csv", dtype={"id": str}, keep_default_na=False), clean)
+    # a low-contrast film saved through heavy JPEG compression is flagged for stage 7's list of cases to check
+    jpg_path = sorted(test_dir.glob("*.png"))[1]
+    img = cv2.imread(str(jpg_path), cv2.IMREAD_GRAYSCALE).astype(np.float32)
+    low = (50 + 16 * (img - img.min()) / max(1.0, float(np.ptp(img)))).astype(np.uint8)
+    cv2.imwrite(str(jpg_path), cv2.imdecode(cv2.imencode(".jpg", low, [cv2.IMWRITE_JPEG_QUALITY, 20])[1], 0))
+    run("02_clean.py", "--force")
+    flags = pd.read_csv(work / "clean.csv", dtype={"id": str}, keep_default_na=False).set_index("id")["flag"]
+    assert flags[jpg_path.stem].startswith("jpeg_blocks:step")
+    assert not any("jpeg_blocks" in f for i, f in flags.items() if i != jpg_path.stem)
     # resume: nothing redone, same outputs; a deleted mask is redone
     (work / "masks" / f"{inv_id}.png").unlink()
     r = run("01_segment.py")
