@@ -19,10 +19,10 @@ self-check refuses), `{out}/compression.png` (shift against block edges) and `{o
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -31,10 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO))
 
-from bench.stress import SHARED, jpeg, pick_ids  # noqa: E402
+from bench.stress import SHARED, jpeg, load_rows, model_args, pick_ids, write_outputs  # noqa: E402
 
 from boneage.config import load_config  # noqa: E402
-from boneage.fileio import atomic_write_csv, atomic_write_text, read_gray  # noqa: E402
+from boneage.fileio import read_gray  # noqa: E402
 
 log = logging.getLogger("compression")
 BANDS = [0, 4, 8, 12, 16, 1e9]
@@ -131,33 +131,18 @@ def plot(v: pd.DataFrame, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", required=True, help="work dir with models/ and a blend.json")
-    ap.add_argument("--config", default=str(REPO / "configs" / "cpu.yaml"))
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--data", default=str(SHARED / "rsna-half"))
+    ap = model_args(__doc__)
     ap.add_argument("--split", choices=["holdout", "train"], default="holdout",
                     help="train: the models' own training radiographs (rsna-half's low-contrast films, ids 2000-4999, "
                     "are nearly all among the stress test's first 40 of the hold-out or in training)")
     ap.add_argument("--skip", type=int, default=40)
     ap.add_argument("--n", type=int, default=80)
     ap.add_argument("--qualities", default="30,50,70,90")
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", help="reuse a compression_rows.csv instead of running the models")
     ap.add_argument("--out", default=str(REPO / "bench" / "output" / "compression"))
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    out = Path(args.out)
-    if args.rows:
-        rows = pd.read_csv(args.rows, dtype={"id": str})
-    else:
-        rows = run(args)
-        atomic_write_csv(out / "compression_rows.csv", rows)
+    args, out, rows = load_rows(ap, argv, "compression", run, lambda f: pd.read_csv(f, dtype={"id": str}))
     v = shifts(rows)
-    md = to_markdown(v, rows, args)
-    atomic_write_text(out / "compression.md", md)
-    plot(v, out / "compression.png")
-    print(md)
+    write_outputs(out, "compression", to_markdown(v, rows, args), partial(plot, v))
     return 0
 
 

@@ -346,12 +346,40 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def model_args(doc: str) -> argparse.ArgumentParser:
+    """The command line's trained models, their config and the data, as the benches on real radiographs take them."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--models", required=True, help="work dir with models/ and a blend.json")
     ap.add_argument("--config", default=str(REPO / "configs" / "cpu.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--data", default=str(SHARED / "rsna-half"))
+    ap.add_argument("--threads", type=int, default=1)
+    return ap
+
+
+def load_rows(ap: argparse.ArgumentParser, argv, name: str, run_fn, read_fn) -> tuple[argparse.Namespace, Path,
+                                                                                      pd.DataFrame]:
+    """(args, out dir, rows): the rows of `--rows` files by `read_fn(files)`, else of `run_fn(args)`, written to
+    `{out}/{name}_rows.csv`."""
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    out = Path(args.out)
+    if args.rows:
+        return args, out, read_fn(args.rows)
+    rows = run_fn(args)
+    atomic_write_csv(out / f"{name}_rows.csv", rows)
+    return args, out, rows
+
+
+def write_outputs(out: Path, name: str, md: str, plot_fn) -> None:
+    """`{out}/{name}.md` (also printed) and `{out}/{name}.png` by `plot_fn(path)`."""
+    atomic_write_text(out / f"{name}.md", md)
+    plot_fn(out / f"{name}.png")
+    print(md)
+
+
+def main(argv=None) -> int:
+    ap = model_args(__doc__)
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--compare-raw", metavar="WORKDIR")
     ap.add_argument("--raw-set", dest="raw_overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -360,25 +388,15 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", nargs="+", help="reuse stress_rows.csv file(s) (e.g. of --shard runs) instead of "
                     "running the models")
     ap.add_argument("--shard", default="", metavar="K/N", help="only every N-th radiograph from the K-th (0-based)")
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--transforms", default="", help="comma-separated transform or family names (default: all)")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    out = Path(args.out)
-    args.raw_note = ""
-    if args.rows:
-        rows = pd.concat([pd.read_csv(f, dtype={"id": str}) for f in args.rows], ignore_index=True)
-        if rows["raw_pred"].isna().all():
-            args.raw_note = "raw-radiograph column skipped: no raw model in these rows"
-    else:
-        rows = run(args)
-        atomic_write_csv(out / "stress_rows.csv", rows)
+    ap.set_defaults(raw_note="")
+    args, out, rows = load_rows(ap, argv, "stress", run, lambda files: pd.concat(
+        [pd.read_csv(f, dtype={"id": str}) for f in files], ignore_index=True))
+    if args.rows and rows["raw_pred"].isna().all():
+        args.raw_note = "raw-radiograph column skipped: no raw model in these rows"
     summary = summarise(rows)
-    md = to_markdown(summary, rows, args)
-    atomic_write_text(out / "stress.md", md)
-    plot(summary, out / "stress.png")
-    print(md)
+    write_outputs(out, "stress", to_markdown(summary, rows, args), partial(plot, summary))
     return 0
 
 

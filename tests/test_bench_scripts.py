@@ -168,3 +168,7 @@ def test_compression_bench_tables_shift_by_block_edges(tmp_path):
     assert "10 rsna-half holdout radiographs" in md and "max 1.00 grey levels" in md
     comp.plot(v, tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    assert comp.main(["--models", "unused", "--rows", str(tmp_path / "rows.csv"), "--out", str(tmp_path / "o")]) == 0
+    assert "| >= 16 | 10 | 20.00 |" in (tmp_path / "o" / "compression.md").read_text()
+    assert (tmp_path / "o" / "compression.png").exists()
