@@ -142,7 +142,8 @@ class CleanConfig:
     denoise_above_sigma: float = 7.0
     denoise_strength: float = 1.0  # its h = strength x the estimated sigma
     # JPEG block edges in the stretched hand (masks.block_artefacts, clean grey levels) above which the hand is blurred
-    # with this sigma before CLAHE; 0: never (the self-check's compression part judges them: predict.block_ok_levels)
+    # with this sigma before CLAHE; 0: never. Tried on real films (session 11): it doubled the bone age's shift under
+    # compression, so it is off and the self-check's compression part judges the edges (predict.block_ok_levels)
     deblock_above: float = 0.0
     deblock_sigma_px: float = 1.5
     # before CLAHE, grey levels stretched so that these percentiles of the hand's own pixels span 0..255
