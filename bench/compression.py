@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO))
 
-from bench.stress import SHARED, jpeg, load_rows, model_args, pick_ids, write_outputs  # noqa: E402
+from bench.stress import jpeg, load_rows, model_args, pick_ids, write_outputs  # noqa: E402
 
 from boneage.config import load_config  # noqa: E402
 from boneage.fileio import read_gray  # noqa: E402
@@ -43,14 +43,7 @@ BANDS = [0, 4, 8, 12, 16, 1e9]
 def pick_films(data: Path, split: str, skip: int, n: int) -> pd.DataFrame:
     """`n` radiographs from the `skip`-th: of the hold-out in the stress test's order, or of the training part
     (rsna-100px's `holdout=False`) in that file's order."""
-    if split == "holdout":
-        return pick_ids(data, skip + n).iloc[skip:]
-    lab = pd.read_csv(data / "labels.csv", dtype={"id": str}).set_index("id")
-    split_ids = pd.read_csv(SHARED / "rsna-100px" / "labels.csv", dtype={"id": str})
-    ids = [i for i in split_ids.loc[split_ids["holdout"].astype(str).str.lower() != "true", "id"] if i in lab.index]
-    df = lab.loc[ids[skip:skip + n]].reset_index()
-    df["male"] = df["male"].astype(str).str.lower() == "true"
-    return df
+    return pick_ids(data, skip + n, holdout=split == "holdout").iloc[skip:].reset_index(drop=True)
 
 
 def run(args) -> pd.DataFrame:

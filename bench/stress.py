@@ -189,10 +189,12 @@ def _region_of(name: str) -> str | None:
 # ----------------------------------------------------------------------------- the run
 
 
-def pick_ids(data: Path, n: int) -> pd.DataFrame:
+def pick_ids(data: Path, n: int, holdout: bool = True) -> pd.DataFrame:
+    """The first `n` radiographs of rsna-100px's hold-out (`holdout=True`; or its training part), in that file's
+    order, with rsna-half's labels."""
     lab = pd.read_csv(data / "labels.csv", dtype={"id": str})
     hold = pd.read_csv(SHARED / "rsna-100px" / "labels.csv", dtype={"id": str})
-    ids = hold.loc[hold["holdout"].astype(str).str.lower() == "true", "id"].tolist()
+    ids = hold.loc[(hold["holdout"].astype(str).str.lower() == "true") == holdout, "id"].tolist()
     df = lab.set_index("id").loc[[i for i in ids if i in set(lab["id"])]].reset_index()
     df["male"] = df["male"].astype(str).str.lower() == "true"
     return df.head(n)
