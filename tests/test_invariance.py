@@ -271,14 +271,15 @@ class UprightOnly(torch.nn.Module):
 
 
 def test_upright_retry_finds_a_rotated_hand_and_maps_it_back():
-    cfg = load_config(None, ["segment.work_size_px=128"]).segment
+    cfg = load_config(None, ["segment.work_size_px=128", "segment.canonical_view=false"]).segment
     mask, _ = hand_scene(0.0)
     img = (mask * 200).astype(np.uint8)
     model = UprightOnly()
     _, upright = predict_masks_with_raw(model, [img], cfg, "cpu")[0]
     mask70, _ = hand_scene(70.0)
     img70 = (mask70 * 200).astype(np.uint8)
-    off = load_config(None, ["segment.work_size_px=128", "segment.upright_retry_deg=0"]).segment
+    off = load_config(None, ["segment.work_size_px=128", "segment.upright_retry_deg=0",
+                             "segment.canonical_view=false"]).segment
     _, without = predict_masks_with_raw(model, [img70], off, "cpu")[0]
     _, with_retry = predict_masks_with_raw(model, [img70], cfg, "cpu")[0]
 
@@ -414,3 +415,111 @@ def test_self_check_refuses_heavy_compression_with_a_reason():
     q, reasons = quality_score({"block_artefacts": 20.0}, cfg)  # quality 30 on a 15-level hand: 17-23
     assert q < cfg.predict.min_quality
     assert any(r.startswith("compression quality") and "JPEG" in r for r in reasons)
+
+
+# ------------------------------------------------------------------------------ U-Net canonical view
+
+
+def phantom_turned(deg: float, mirrored: bool = False):
+    """A phantom radiograph and its hand mask, mirrored left to right if asked, then turned by `deg` (cv2's sense:
+    counter-clockwise) onto a canvas that keeps every pixel."""
+    img, mask = hand_on_film()
+    if mirrored:
+        img, mask = np.ascontiguousarray(img[:, ::-1]), np.ascontiguousarray(mask[:, ::-1])
+    ang = math.radians(-deg)
+    turned, M = rotate_expanded(img, ang)
+    film = rotate_expanded(np.ones(img.shape, np.uint8), ang, cv2.INTER_NEAREST)[0] > 0
+    turned[~film] = int(np.median(np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])))  # a scanner's grey
+    m = cv2.warpAffine(mask.astype(np.uint8), M, (turned.shape[1], turned.shape[0]), flags=cv2.INTER_NEAREST) > 0
+    return turned, m
+
+
+@pytest.mark.parametrize("deg,mirrored", [(30.0, False), (-75.0, False), (180.0, False), (100.0, False),
+                                          (0.0, True), (-40.0, True)])
+def test_canonical_frame_gives_every_turned_or_mirrored_copy_the_same_upright_view(deg, mirrored):
+    from boneage.segmentation import canonical_frame
+
+    ref_img, ref_mask = phantom_turned(0.0)
+    ref, _ = canonical_frame(ref_img, ref_mask, 0.08)
+    img, mask = phantom_turned(deg, mirrored)
+    view, M = canonical_frame(img, mask, 0.08)
+    assert abs(view.shape[0] - ref.shape[0]) <= 3 and abs(view.shape[1] - ref.shape[1]) <= 3
+    h, w = min(view.shape[0], ref.shape[0]), min(view.shape[1], ref.shape[1])
+    assert np.abs(view[:h, :w].astype(float) - ref[:h, :w]).mean() < 8.0  # the same picture, up to resampling
+    # fingers up: the fingertips are the view's top rows
+    vm = cv2.warpAffine(mask.astype(np.uint8), M, (view.shape[1], view.shape[0]), flags=cv2.INTER_NEAREST) > 0
+    rows = np.nonzero(vm.any(1))[0]
+    top = vm[rows[0] + len(rows) // 10]
+    assert (np.diff(top.astype(np.int8)) == 1).sum() >= 3  # several fingers cross a row near the top
+    # M maps the radiograph's pixels into the view: the mask's pixels land inside it
+    ys, xs = np.nonzero(mask)
+    q = np.stack([xs, ys], 1) @ M[:, :2].T + M[:, 2]
+    assert q.min() >= -1 and (q.max(0) <= np.array(view.shape[::-1]) + 1).all()
+
+
+def test_canonical_frame_needs_a_mask():
+    from boneage.segmentation import canonical_frame
+
+    img, _ = hand_on_film()
+    assert canonical_frame(img, np.zeros(img.shape, bool), 0.08) is None
+
+
+def test_canonical_view_maps_the_upright_reading_back_and_keeps_the_first_raw_mask():
+    """The stand-in reads only upright hands whole. A hand turned 70 degrees: the upright retry finds it, the
+    canonical view reads it upright once more and maps the mask back into the film's own frame; the raw mask stays
+    the first pass's (it saw the whole film: a second hand, a second film)."""
+    mask70, _ = hand_scene(70.0)
+    img70 = (mask70 * 200).astype(np.uint8)
+    model = UprightOnly()
+    off = load_config(None, ["segment.work_size_px=128", "segment.upright_retry_deg=0",
+                             "segment.canonical_view=false"]).segment
+    on = load_config(None, ["segment.work_size_px=128", "segment.canonical_view=true"]).segment
+    retry = load_config(None, ["segment.work_size_px=128", "segment.canonical_view=false"]).segment
+    raw_first, without = predict_masks_with_raw(model, [img70], off, "cpu")[0]
+    raw_on, with_view = predict_masks_with_raw(model, [img70], on, "cpu")[0]
+    raw_retry, _ = predict_masks_with_raw(model, [img70], retry, "cpu")[0]
+
+    def iou(a, b):
+        return (a & b).sum() / max(1, (a | b).sum())
+
+    assert iou(without, mask70) < 0.6
+    assert iou(with_view, mask70) > 0.9
+    assert (raw_on == raw_retry).all()
+
+
+# ------------------------------------------------------------------------------ polarity from the U-Net's hand
+
+
+class ApartFromBorder(torch.nn.Module):
+    """A stand-in U-Net that, like the trained one, reads both polarities: whatever stands apart from the film's
+    border grey is the hand."""
+
+    def forward(self, x):
+        border = torch.cat([x[..., 0, :], x[..., :, 0]], dim=-1).median(dim=-1).values[..., None, None]
+        return ((x - border).abs() > 0.12).float() * 20 - 10
+
+
+def test_polarity_is_decided_by_the_unets_hand_not_by_the_classical_guess(monkeypatch):
+    """Rotated by 10-45 degrees, 16 of 200 hold-out films were turned negative by the classical guess before the
+    U-Net (issue 11); the hand the U-Net finds decides instead, and an inverted film is read exactly as its
+    original."""
+    from types import SimpleNamespace
+
+    from boneage import masks
+    from boneage.assess import _polarity_by_mask, _segment, normalise_input
+
+    cfg = load_config(None, ["segment.work_size_px=128", "segment.upright_retry_deg=0"])
+    models = SimpleNamespace(unet=ApartFromBorder(), device="cpu")
+    img, truth = hand_on_film()
+    monkeypatch.setattr(masks, "_classical", lambda small, px: (np.ones(small.shape, bool), 0.5, "", True))
+    assert masks.normal_polarity(img)[1]  # the classical guess, so patched, calls the film inverted
+    reads = {}
+    for name, film in (("original", img), ("inverted", 255 - img)):
+        image, seg, norm = normalise_input(film, cfg, polarity=False)
+        raw, mask = _segment(models, seg, cfg)
+        assert (mask & truth).sum() > 0.9 * truth.sum()  # the stand-in finds the hand in either polarity
+        reads[name] = _polarity_by_mask(models, image, raw, mask, norm, cfg)
+    image, _, mask, norm, flag = reads["original"]
+    assert image is not None and np.array_equal(image, img) and norm["input_inverted"] is False and flag == ""
+    image2, _, mask2, norm2, _ = reads["inverted"]
+    assert norm2["input_inverted"] is True and np.array_equal(image2, img) and np.array_equal(mask2, mask)

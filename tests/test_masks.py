@@ -366,3 +366,26 @@ def test_prob_to_masks_gives_a_hand_on_a_larger_canvas_the_same_mask(ratio, at_l
         assert same >= at_least
     else:  # the long side's shares: the larger canvas's mask is visibly wider
         assert same < 0.96 and masks[1].sum() > masks[0].sum()
+
+
+def test_shed_tray_keeps_a_hand_whose_fingers_the_network_parted(monkeypatch):
+    """A cropped film's forearm runs into its edge, which lowers the mask's quality as a tray's straight rim does; a
+    classical guess that lost the fingers must not replace such a mask (rsna-half 1938 cropped by 5 %: the cut
+    moved the bone age 22 months)."""
+    from boneage import masks
+
+    truth = hand_mask()
+    img = radiograph(truth, 0, letters=False, band=False)
+    palm = truth.copy()
+    palm[:175] = False  # the fingers lost: a palm and a forearm
+    assert masks.finger_gaps(truth) >= 4 and masks.finger_gaps(palm) <= 2
+    wide = cv2.dilate(truth.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    monkeypatch.setattr(masks, "mask_quality", lambda m, *a: (0.5 if m.sum() > palm.sum() else 0.99, ""))
+    monkeypatch.setattr(masks, "classical_mask", lambda image, *a: (palm, 0.99, ""))
+    assert masks.shed_tray(img, wide) is None  # the cut would lose every finger gap
+    hull = cv2.convexHull(np.argwhere(truth)[:, ::-1].astype(np.int32))
+    blob = cv2.fillConvexPoly(np.zeros(truth.shape, np.uint8), hull, 1) > 0  # a mitten: no gaps to lose
+    assert masks.finger_gaps(blob) == 0
+    monkeypatch.setattr(masks, "classical_mask", lambda image, *a: (truth, 0.99, ""))
+    cut = masks.shed_tray(img, blob)
+    assert cut is not None and iou(cut, truth) > iou(blob, truth) + 0.05  # a tray-like mitten is still cut

@@ -55,7 +55,8 @@ def fakes(monkeypatch):
     seg.predict_mask = lambda model, image, c, dev: image > 60
     seg.predict_mask_and_raw = lambda model, image, c, dev: (image > 60, image > 60)
     masks = types.ModuleType("boneage.masks")
-    masks.defect_depths = real_masks.defect_depths  # plain geometry, used by the self-check's shape part
+    masks.deep_gaps = real_masks.deep_gaps  # plain geometry, used by the self-check's shape part
+    masks.detect_inverted = lambda image, m=None: False  # the phantoms' polarity is normal
 
     def mask_quality(m, straight_tol_frac=None):
         knobs.straight_tol_frac = straight_tol_frac  # the self-check's own tolerance (predict.mask_straight_tol_frac)

@@ -106,6 +106,15 @@ class SegmentConfig:
     post_workers: int = 1
     polarity_retry_quality: float = 0.0  # masks below this (or a negative polarity score) are retried inverted
     upright_retry_deg: float = 35.0  # a mask whose long axis is further off vertical is segmented again upright; 0: off
+    # every hand segmented a second time turned upright (fingers up) and cut to its box with this share of its length
+    # around it (`segmentation.canonical_frame`): rotated, cropped and downscaled copies of a film then get the same
+    # mask (issue 11). The second mask is kept unless its quality falls more than canonical_max_loss below the first's.
+    # The first reading then only finds the hand: once (no flip), at canonical_locate_px, no tray cut or fingertips
+    canonical_view: bool = True
+    canonical_locate_px: int = 0  # the first reading's working size with canonical_view (0: work_size_px)
+    canonical_flip_tta: bool = False  # the view read mirrored as well (its right hands are mirrored already)
+    canonical_margin_frac: float = 0.08
+    canonical_max_loss: float = 0.1
     invert_aug_p: float = 0.5  # share of training samples shown inverted: the U-Net learns both polarities
     aug_rotate_deg: float = 20.0  # training rotations drawn from +-this (180: any orientation)
     # the bootstrap (classical labels, self-training rounds) at this working size (0: work_size_px), then
@@ -337,6 +346,10 @@ class PredictConfig:
     # a ruler or a crop changed the film's percentiles (the clean hands of 10 hold-out radiographs moved 1.5 / 3.4
     # grey levels median under a letter / a 5 % crop with "segment", 2.9 / 5.0 with "stretch")
     normalise_input: str = "segment"
+    # the polarity from the U-Net's reading of the film as it came (its hand brighter or darker than around it, as
+    # stage 2 decides), not from the classical guess before it, which turned 16 of 200 hold-out films negative when
+    # they were rotated by 10-45 degrees (issue 11); an inverted film is then inverted and segmented again
+    polarity_by_mask: bool = True
     # self-check (boneage.assess.quality_score): image-level checks before any network
     max_colourfulness: float = 15.0  # Hasler-Suesstrunk colourfulness of the file; above: a colour photograph
     min_dynamic_range: float = 24.0  # grey levels between the 0.5th and 99.5th percentile; below: blank/saturated

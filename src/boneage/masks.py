@@ -145,6 +145,26 @@ def defect_depths(contour: np.ndarray) -> np.ndarray:
     return np.asarray(defects).reshape(-1, 4)[:, 3] / 256.0
 
 
+def deep_gaps(contour: np.ndarray, depth_frac: float) -> int:
+    """The convexity defects of an outline deeper than `depth_frac` x sqrt(its hull's area): the gaps between
+    fingers (a hand shows 4, a mitten or a tray's rim none)."""
+    hull_area = cv2.contourArea(cv2.convexHull(contour))
+    if len(contour) < 5 or hull_area <= 0:
+        return 0
+    return int((defect_depths(contour) > depth_frac * np.sqrt(hull_area)).sum())
+
+
+def finger_gaps(mask: np.ndarray, depth_frac: float = 0.06, work_px: int = 256) -> int:
+    """`deep_gaps` of a bool mask's largest outline, computed at <= `work_px`."""
+    m = np.asarray(mask).astype(np.uint8)
+    if max(m.shape) > work_px:
+        f = work_px / max(m.shape)
+        m = (cv2.resize(m * 255, (max(1, round(m.shape[1] * f)), max(1, round(m.shape[0] * f))),
+                        interpolation=cv2.INTER_AREA) > 127).astype(np.uint8)
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    return deep_gaps(max(contours, key=cv2.contourArea), depth_frac) if contours else 0
+
+
 def shape_features(mask: np.ndarray, straight_tol_frac: float = STRAIGHT_TOL_FRAC) -> dict:
     """Geometry of the largest component of a bool mask (computed at <= 256 px for speed); `straight_tol_frac`: how
     straight a side must be to count as a straight edge (share of the long side)."""
@@ -697,7 +717,10 @@ def shed_tray(image: np.ndarray, mask: np.ndarray, max_quality: float = 0.9, min
         return None
     r = max(1, round(margin_frac * max(mask.shape)))
     near = cv2.dilate(guess.astype(np.uint8), _disk(r)) > 0
-    return select_hand_component(mask & near)
+    cut = select_hand_component(mask & near)
+    # a hand whose fingers the network parted is no tray: its forearm cut by the film's edge lowers its quality, and
+    # a classical guess that lost fingers must not replace it (a film cropped by 5 %, rsna-half 1938: 22 months)
+    return None if finger_gaps(cut) < finger_gaps(mask) else cut
 
 
 # ----------------------------------------------------------------------------------------- stage 2
