@@ -515,10 +515,10 @@ def predict_masks_with_raw(model: torch.nn.Module, images: list[np.ndarray], cfg
 def canonical_frame(image: np.ndarray, mask: np.ndarray, margin_frac: float) -> tuple[np.ndarray, np.ndarray] | None:
     """The radiograph turned so that the mask's long axis is vertical with the fingers up, a right hand mirrored
     into a left one, and cut to the mask's box with `margin_frac` of the hand's length on each side (the film's
-    edge repeated beyond it): (view, 2x3 matrix from radiograph px to view px), or None when the mask cannot say where the hand
-    lies. A film turned, mirrored, cropped or scaled gives the same view of its hand (up to the resampling), so the
-    U-Net reads it as it reads the original (`canonical_view`); one reading of it does what the mirrored second
-    reading (`flip_tta`) does for the film."""
+    edge repeated beyond it): (view, 2x3 matrix from radiograph px to view px), or None when the mask cannot say
+    where the hand lies. A film turned, mirrored, cropped or scaled gives the same view of its hand (up to the
+    resampling), so the U-Net reads it as it reads the original (`canonical_view`); one reading of it does what the
+    mirrored second reading (`flip_tta`) does for the film."""
     # registration imports keypoints, which imports masks
     from boneage.registration import _thumb_side_sign, finger_end_sign
 
