@@ -523,3 +523,25 @@ def test_polarity_is_decided_by_the_unets_hand_not_by_the_classical_guess(monkey
     assert image is not None and np.array_equal(image, img) and norm["input_inverted"] is False and flag == ""
     image2, _, mask2, norm2, _ = reads["inverted"]
     assert norm2["input_inverted"] is True and np.array_equal(image2, img) and np.array_equal(mask2, mask)
+
+
+def test_a_reading_across_the_hand_is_not_usable():
+    """The view search kept a sideways reading it found again (rsna-half 1938 turned by 10 degrees: a tip on the
+    little finger's edge, a capitate in the metacarpals); the mask's own axis rules such readings out."""
+    from boneage.keypoints import _usable, across_hand, hand_direction
+
+    img, mask = hand_on_film()
+    d = hand_direction(mask)
+    assert d is not None and d[1] < -0.9  # the phantom's fingers point up
+    turned, tmask = phantom_turned(-90.0)  # cv2's -90: clockwise, the fingers now point right
+    dt = hand_direction(tmask)
+    assert dt is not None and dt[0] > 0.9
+    ys, xs = np.nonzero(mask)
+    cx, top, bottom = float(np.median(xs)), float(ys.min()), float(ys.max())
+    along = np.array([[cx, top + 5], [cx + 120, top + 300], [cx, bottom - 200]])  # tip, thumb, capitate
+    sideways = np.array([[cx - 150, bottom - 300], [cx, bottom - 100], [cx + 100, bottom - 320]])
+    assert not across_hand(along, d) and across_hand(sideways, d)
+    assert not _usable(sideways, mask, d)
+    disc = np.zeros((400, 400), bool)
+    disc[cv2.circle(np.zeros((400, 400), np.uint8), (200, 200), 150, 1, -1) > 0] = True
+    assert hand_direction(disc) is None and not across_hand(sideways, None)  # no clear axis: nothing ruled out

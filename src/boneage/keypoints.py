@@ -704,11 +704,45 @@ def snapped_if_off_hand(points: np.ndarray, mask) -> np.ndarray | None:
     return snapped if snapped is not None and points_plausible(snapped, mask)[0] else None
 
 
-def _usable(points: np.ndarray, mask) -> bool:
+HAND_AXIS_MAX_DEG = 60.0  # a reading whose capitate-to-tip axis lies further off the hand's own axis runs across it
+HAND_AXIS_MIN_ELONGATION = 1.5  # ... judged only on a mask this much longer than wide (its axis is then clear)
+
+
+def hand_direction(mask) -> np.ndarray | None:
+    """Unit vector (image px) along the mask's long axis towards the fingers (`registration.fingers_sign`), or None
+    when the mask is too round for a clear axis (`HAND_AXIS_MIN_ELONGATION`, in standard deviations)."""
+    from boneage.registration import fingers_sign  # registration imports this module
+
+    m = None if mask is None else np.asarray(mask) > 0
+    if m is None or not m.any():
+        return None
+    ys, xs = np.nonzero(m[::4, ::4])
+    if len(xs) < 10:
+        return None
+    P = np.stack([xs, ys], 1).astype(np.float64) * 4.0
+    evals, evecs = np.linalg.eigh(np.cov(P.T))
+    if evals[1] < HAND_AXIS_MIN_ELONGATION ** 2 * max(evals[0], 1e-9):
+        return None
+    return evecs[:, 1] * fingers_sign(m, P, P.mean(0), evecs[:, 1])
+
+
+def across_hand(points: np.ndarray, direction: np.ndarray | None) -> bool:
+    """True when the points' capitate-to-tip axis lies more than `HAND_AXIS_MAX_DEG` off the hand's direction
+    (`hand_direction`): the network found a sideways hand in the view and read it again as such (rsna-half 1938
+    turned by 10 degrees: a tip on the little finger's edge, a capitate in the metacarpals; 26 months)."""
+    p = np.asarray(points, float).reshape(3, 2)
+    v = p[0] - p[2]
+    n = float(np.hypot(*v))
+    if direction is None or not np.isfinite(v).all() or n < 1e-6:
+        return False
+    return float(v @ direction) / n < math.cos(math.radians(HAND_AXIS_MAX_DEG))
+
+
+def _usable(points: np.ndarray, mask, direction: np.ndarray | None = None) -> bool:
     """Plausible points (or points only a little off the hand, which `snap_to_mask` moves on) whose middle tip lies
-    at the fingers' end of the hand."""
+    at the fingers' end of the hand, along the hand (`across_hand`, with the mask's `direction`)."""
     ok = points_plausible(points, mask)[0] or snapped_if_off_hand(points, mask) is not None
-    return ok and not fingers_behind(points, mask)
+    return ok and not fingers_behind(points, mask) and not across_hand(points, direction)
 
 
 def _read_turned(model, image, mask, angles: list[float], cfg, device) -> list[np.ndarray]:
@@ -759,7 +793,8 @@ def consistent_view_points(model, image: np.ndarray, mask: np.ndarray | None, fi
         return first, False
     if again is None:
         again = _read_turned(model, image, mask, [u], cfg, device)[0]
-    if _usable(first, mask) and fixed_point_gap(first, again) <= limit:
+    direction = hand_direction(mask)
+    if _usable(first, mask, direction) and fixed_point_gap(first, again) <= limit:
         return first, False
     cands = _read_turned(model, image, mask, angles, cfg, device)
     ok = [c for c in cands if not math.isnan(axis_upright_angle(c))]
@@ -767,7 +802,7 @@ def consistent_view_points(model, image: np.ndarray, mask: np.ndarray | None, fi
         return first, False
     seconds = _read_turned(model, image, mask, [axis_upright_angle(c) for c in ok], cfg, device)
     scored = sorted(((fixed_point_gap(c, d), k) for k, (c, d) in enumerate(zip(ok, seconds))
-                     if _usable(d, mask)), key=lambda t: t[0])
+                     if _usable(d, mask, direction)), key=lambda t: t[0])
     if not scored or scored[0][0] > limit:
         return first, False
     return seconds[scored[0][1]], True

@@ -141,6 +141,25 @@ def check_points(points, confidence: float, mask, cfg, stats: dict | None, manua
     return ""
 
 
+def fingers_sign(m: np.ndarray, P: np.ndarray, mu: np.ndarray, e1: np.ndarray) -> int:
+    """+1 when the fingers lie towards +e1 of the mask `m` (P: a sample of its pixels as (x, y), mu their mean), else
+    -1. Rows across the hand near the fingers' end cross several fingers (runs of mask), rows near the forearm end
+    cross one; where they cannot tell, the end with less mask and away from the image border is the fingers'."""
+    sign = finger_end_sign(m, e1, mu)
+    if sign != 0:
+        return sign
+    h, w = m.shape
+    a = (P - mu) @ e1
+    lo, hi = np.percentile(a, [0.5, 99.5])
+    ext = hi - lo
+    area_hi = np.mean(a > hi - 0.15 * ext)
+    area_lo = np.mean(a < lo + 0.15 * ext)
+    border = (P[:, 0] <= 1) | (P[:, 1] <= 1) | (P[:, 0] >= w - 2) | (P[:, 1] >= h - 2)
+    border_hi = np.mean(border & (a > hi - 0.15 * ext))
+    border_lo = np.mean(border & (a < lo + 0.15 * ext))
+    return 1 if (area_lo - area_hi) + 5.0 * (border_lo - border_hi) >= 0 else -1
+
+
 def mask_alignment(mask: np.ndarray, cfg) -> tuple[np.ndarray, dict]:
     """Affine from the mask alone: principal axis, fingers' end, width and distal extent."""
     m = np.asarray(mask) > 0
@@ -155,19 +174,7 @@ def mask_alignment(mask: np.ndarray, cfg) -> tuple[np.ndarray, dict]:
     e1 = evecs[:, int(np.argmax(evals))]
     a = (P - mu) @ e1
     lo, hi = np.percentile(a, [0.5, 99.5])
-    h, w = m.shape
-    # which end carries the fingers: rows across the hand near that end cross several fingers
-    # (runs of mask), rows near the forearm end cross one; the older area/border rule breaks ties
-    ext = hi - lo
-    sign = finger_end_sign(m, e1, mu)
-    if sign == 0:
-        area_hi = np.mean(a > hi - 0.15 * ext)
-        area_lo = np.mean(a < lo + 0.15 * ext)
-        border = (P[:, 0] <= 1) | (P[:, 1] <= 1) | (P[:, 0] >= w - 2) | (P[:, 1] >= h - 2)
-        border_hi = np.mean(border & (a > hi - 0.15 * ext))
-        border_lo = np.mean(border & (a < lo + 0.15 * ext))
-        sign = 1 if (area_lo - area_hi) + 5.0 * (border_lo - border_hi) >= 0 else -1
-    f = e1 * sign
+    f = e1 * fingers_sign(m, P, mu, e1)
     g = np.array([-f[1], f[0]])
     # a left hand has its thumb on the canvas' right (+g); the thumb's side of the hand carries more
     # mask beside the forearm's axis, so a hand whose extra mass lies on -g is mirrored
