@@ -178,7 +178,7 @@ def mask_alignment(mask: np.ndarray, cfg) -> tuple[np.ndarray, dict]:
     g = np.array([-f[1], f[0]])
     # a left hand has its thumb on the canvas' right (+g); the thumb's side of the hand carries more
     # mask beside the forearm's axis, so a hand whose extra mass lies on -g is mirrored
-    mirrored = _thumb_side_sign(m, f, g, mu) < 0
+    mirrored = thumb_side_sign(m, f, g, mu) < 0
     if mirrored:
         g = -g
     af = (P - mu) @ f
@@ -240,7 +240,7 @@ def finger_end_sign(m: np.ndarray, e1: np.ndarray, mu: np.ndarray) -> int:
     return 1 if hi > lo else -1
 
 
-def _thumb_side_sign(m: np.ndarray, f: np.ndarray, g: np.ndarray, mu: np.ndarray) -> int:
+def thumb_side_sign(m: np.ndarray, f: np.ndarray, g: np.ndarray, mu: np.ndarray) -> int:
     """+1 when the thumb lies towards +g, -1 towards -g, 0 when undecided. Fingers point along +f.
     The forearm's centre line (median of the rows at the proximal end) splits the hand; the thumb's
     side carries more mask in the proximal half of the hand (thumb and thenar)."""
