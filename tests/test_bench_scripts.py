@@ -172,3 +172,31 @@ def test_compression_bench_tables_shift_by_block_edges(tmp_path):
     assert comp.main(["--models", "unused", "--rows", str(tmp_path / "rows.csv"), "--out", str(tmp_path / "o")]) == 0
     assert "| >= 16 | 10 | 20.00 |" in (tmp_path / "o" / "compression.md").read_text()
     assert (tmp_path / "o" / "compression.png").exists()
+
+
+def test_mask_consistency_scores_a_steady_segmenter_high_and_a_frame_bound_one_low():
+    """bench/mask_consistency.py: a segmenter that follows the hand (grey above the film's background) keeps its mask
+    through every copy; one that marks a fixed part of the frame (the left half) does not follow a mirror or a turn."""
+    from boneage.phantom import PhantomConfig, make_phantom
+
+    mc = _load("mask_consistency")
+    pc = PhantomConfig()
+    pc.long_side_px, pc.artefacts = 384, False
+    images = {str(i): make_phantom(pc, 0, i).image for i in range(2)}
+
+    def follows(img):
+        border = np.median(np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]))
+        return img > border + 25
+
+    def left_half(img):
+        m = np.zeros(img.shape, bool)
+        m[:, : img.shape[1] // 2] = True
+        return m
+
+    steady = mc.summary(mc.consistency(images, follows))
+    assert set(steady) == set(mc.TRANSFORMS)
+    assert all(v["median"] > 0.9 for v in steady.values()), steady
+    bound = mc.summary(mc.consistency(images, left_half, ("hflip", "rot+45")))
+    assert bound["hflip"]["median"] < 0.05 and bound["rot+45"]["median"] < 0.7
+    with pytest.raises(ValueError, match="unknown transform"):
+        mc.transform("shear", images["0"])
