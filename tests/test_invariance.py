@@ -501,8 +501,8 @@ class ApartFromBorder(torch.nn.Module):
 
 def test_polarity_is_decided_by_the_unets_hand_not_by_the_classical_guess(monkeypatch):
     """Rotated by 10-45 degrees, 16 of 200 hold-out films were turned negative by the classical guess before the
-    U-Net (issue 11); the hand the U-Net finds decides instead, and an inverted film is read exactly as its
-    original."""
+    U-Net (issue 11); the U-Net's readings of the film and of its inverse decide instead (the hand that stands out
+    brighter wins), and an inverted film is read exactly as its original."""
     from types import SimpleNamespace
 
     from boneage import masks

@@ -57,6 +57,7 @@ def fakes(monkeypatch):
     masks = types.ModuleType("boneage.masks")
     masks.deep_gaps = real_masks.deep_gaps  # plain geometry, used by the self-check's shape part
     masks.detect_inverted = lambda image, m=None: False  # the phantoms' polarity is normal
+    masks.polarity_from_mask = real_masks.polarity_from_mask  # plain image statistics
 
     def mask_quality(m, straight_tol_frac=None):
         knobs.straight_tol_frac = straight_tol_frac  # the self-check's own tolerance (predict.mask_straight_tol_frac)
