@@ -12,7 +12,6 @@ minimum IoU per transform; `--out` writes the rows.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -26,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO))
 
-from bench.stress import SHARED, crop, downscale, pick_ids, rotate  # noqa: E402
+from bench.stress import crop, downscale, model_args, pick_ids, rotate  # noqa: E402
 
 from boneage.config import load_config  # noqa: E402
 from boneage.fileio import atomic_write_csv, read_gray  # noqa: E402
@@ -74,13 +73,8 @@ def summary(rows: pd.DataFrame) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--unet", required=True, help="folder with unet.pt (a work dir's models/unet)")
-    ap.add_argument("--config", default=str(REPO / "configs" / "cpu.yaml"))
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--data", default=str(SHARED / "rsna-half"))
+    ap = model_args(__doc__, "--unet", "folder with unet.pt (a work dir's models/unet)")
     ap.add_argument("--n", type=int, default=12)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="CSV of the rows")
     args = ap.parse_args(argv)
     import torch

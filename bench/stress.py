@@ -348,10 +348,12 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def model_args(doc: str) -> argparse.ArgumentParser:
-    """The command line's trained models, their config and the data, as the benches on real radiographs take them."""
+def model_args(doc: str, flag: str = "--models",
+               what: str = "work dir with models/ and a blend.json") -> argparse.ArgumentParser:
+    """The command line's trained models (`flag`, `what` they are), their config and the data, as the benches on real
+    radiographs take them."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
-    ap.add_argument("--models", required=True, help="work dir with models/ and a blend.json")
+    ap.add_argument(flag, required=True, help=what)
     ap.add_argument("--config", default=str(REPO / "configs" / "cpu.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--data", default=str(SHARED / "rsna-half"))
