@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     import torch
 
-    from boneage.assess import _segment, assess_image, load_models, normalise_input
+    from boneage.assess import assess_image, assess_image_full, load_models
     from boneage.negatives import make_negatives
     from boneage.qc import contact_sheet, outline_mask
 
@@ -152,9 +152,9 @@ def main(argv=None) -> int:
     for r in rej.itertuples(index=False):
         img = read_gray(data / "images" / f"{r.id}.jpg")
         try:
-            shown, seg_img, _ = normalise_input(img, cfg)  # what the self-check saw
-            _, mask = _segment(models, seg_img, cfg)
-            tile = outline_mask(shown, mask, thickness=max(2, max(img.shape) // 200))
+            male = str(r.male).lower() == "true"
+            _, arrays = assess_image_full(img, male, models, cfg, force=True)  # what the self-check saw
+            tile = outline_mask(arrays["image"], arrays["mask"], thickness=max(2, max(img.shape) // 200))
         except Exception:  # the sheet is for a person; a failure here must not lose the figures above
             tile = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
         tiles.append(tile)

@@ -581,28 +581,17 @@ def assess_image_full(image: np.ndarray, male: bool, models: LoadedModels, cfg, 
     if hard:  # nothing to read: no network is run
         return _reject_early(result, {**img_qc, "flags": []}, hard, t, chronological_age_months), arrays
     t0 = time.perf_counter()
-    by_mask = bool(cfg.predict.polarity_by_mask)
-    image, seg_image, norm = normalise_input(image, cfg, polarity=not by_mask)
+    image, seg_image, norm = normalise_input(image, cfg, polarity=False)  # the U-Net's readings decide it
     arrays["image"] = image
     t["normalise"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     raw_mask, mask = _segment(models, seg_image, cfg)
     flags = []
-    if by_mask and norm:
+    if norm:
         image, raw_mask, mask, norm, flag = _polarity_by_mask(models, image, raw_mask, mask, norm, cfg)
         flags += [flag] if flag else []
     t["segment"] = time.perf_counter() - t0
     arrays["image"], arrays["mask"] = image, mask
-    if not by_mask and norm.get("input_inverted") and float(mask.mean()) < cfg.predict.min_hand_area_frac:
-        # the polarity guess before segmentation (classical, no network) can be wrong: a second look as read
-        alt, alt_seg, alt_norm = normalise_input(255 - image, cfg, polarity=False)
-        alt_raw, alt_mask = _segment(models, alt_seg, cfg)
-        if alt_mask.mean() > mask.mean():
-            image, raw_mask, mask = alt, alt_raw, alt_mask
-            norm = {**alt_norm, "input_inverted": False}
-            arrays["image"] = image
-            flags.append("polarity: kept as read (no hand found after inverting it)")
-        t["segment"] = time.perf_counter() - t0
     arrays["mask"] = mask
     mask_q, mask_flag = masks.mask_quality(mask, cfg.predict.mask_straight_tol_frac)
     area = float(mask.mean()) if mask.size else 0.0

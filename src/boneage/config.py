@@ -346,10 +346,6 @@ class PredictConfig:
     # a ruler or a crop changed the film's percentiles (the clean hands of 10 hold-out radiographs moved 1.5 / 3.4
     # grey levels median under a letter / a 5 % crop with "segment", 2.9 / 5.0 with "stretch")
     normalise_input: str = "segment"
-    # the polarity from the U-Net's reading of the film as it came (its hand brighter or darker than around it, as
-    # stage 2 decides), not from the classical guess before it, which turned 16 of 200 hold-out films negative when
-    # they were rotated by 10-45 degrees (issue 11); an inverted film is then inverted and segmented again
-    polarity_by_mask: bool = True
     # self-check (boneage.assess.quality_score): image-level checks before any network
     max_colourfulness: float = 15.0  # Hasler-Suesstrunk colourfulness of the file; above: a colour photograph
     min_dynamic_range: float = 24.0  # grey levels between the 0.5th and 99.5th percentile; below: blank/saturated

@@ -156,11 +156,7 @@ def deep_gaps(contour: np.ndarray, depth_frac: float) -> int:
 
 def finger_gaps(mask: np.ndarray, depth_frac: float = 0.06, work_px: int = 256) -> int:
     """`deep_gaps` of a bool mask's largest outline, computed at <= `work_px`."""
-    m = np.asarray(mask).astype(np.uint8)
-    if max(m.shape) > work_px:
-        f = work_px / max(m.shape)
-        m = (cv2.resize(m * 255, (max(1, round(m.shape[1] * f)), max(1, round(m.shape[0] * f))),
-                        interpolation=cv2.INTER_AREA) > 127).astype(np.uint8)
+    m = (_small(np.asarray(mask).astype(np.uint8) * 255, work_px) > 127).astype(np.uint8)
     contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     return deep_gaps(max(contours, key=cv2.contourArea), depth_frac) if contours else 0
 
